@@ -1,0 +1,136 @@
+"""The variant interface and the baseline: DDPM/DDIM ε-prediction, uniform t.
+
+Every variant splits a training loss into two parts, so that the frozen
+Hessian batch and the training step share one formula:
+
+* ``draw(x0, generator, step)`` — the randomness: timesteps (or σ), noise,
+  anything else the loss needs (a reference batch, perturbation noise);
+* ``loss(model, draw)`` — a deterministic per-example loss of shape (B,).
+
+``denoiser(model)`` returns D(x, σ) ≈ E[x₀ | x₀ + σε = x] in the
+variance-exploding parameterisation, which every sampler uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from trainers.config import ConfigError, VariantConfig, from_dict
+from trainers.schedules import NoiseSchedule
+
+
+@dataclass
+class Draw:
+    """The randomness of one loss evaluation on a batch ``x0``.
+
+    ``t``: long timestep indices (discrete variants) or float σ (continuous).
+    ``noise``: the regression target's noise ε.  ``input_noise``: the noise
+    used to build the network input (differs from ``noise`` only under input
+    perturbation).  ``extra``: variant-specific tensors.
+    """
+    x0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    input_noise: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device) -> "Draw":
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
+        return Draw(move(self.x0), move(self.t), move(self.noise), move(self.input_noise),
+                    {k: move(v) for k, v in self.extra.items()})
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+class Variant:
+    """Shared interface.  Subclasses set ``name``, ``Options`` and override
+    ``loss``/``denoiser`` (and ``sample_t`` or ``draw`` when they sample
+    differently).  The default draw: uniform t, Gaussian noise, with offset
+    noise and input perturbation from the :class:`VariantConfig`."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    continuous: ClassVar[bool] = False  # True: Draw.t holds σ, not timestep indices
+
+    def __init__(self, schedule: NoiseSchedule, cfg: Optional[VariantConfig] = None):
+        self.schedule = schedule
+        self.cfg = cfg or VariantConfig(name=self.name or "base")
+        try:
+            self.options = from_dict(self.Options, self.cfg.options, "variant.options")
+        except ConfigError:
+            raise
+        except TypeError as e:  # dataclass __init__ rejects something from_dict let through
+            raise ConfigError(f"variant.options: {e}") from None
+
+    # --- randomness -----------------------------------------------------
+    def sample_t(self, batch: int, generator: torch.Generator, step: int, device) -> torch.Tensor:
+        return torch.randint(0, self.schedule.timesteps, (batch,), generator=generator, device=device)
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target noise, input noise) with offset noise and input perturbation."""
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.cfg.offset_noise > 0:
+            offset = torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = noise + self.cfg.offset_noise * offset
+        input_noise = noise
+        if self.cfg.input_perturbation > 0:
+            extra = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            input_noise = noise + self.cfg.input_perturbation * extra
+        return noise, input_noise
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator, step: int = 0) -> Draw:
+        t = self.sample_t(x0.shape[0], generator, step, x0.device)
+        noise, input_noise = self.sample_noise(x0, generator)
+        return Draw(x0=x0, t=t, noise=noise, input_noise=input_noise)
+
+    # --- the loss ---------------------------------------------------------
+    def loss(self, model: torch.nn.Module, d: Draw) -> torch.Tensor:
+        raise NotImplementedError
+
+    def denoiser(self, model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    # --- optional state (learned samplers, curricula) ---------------------
+    def observe(self, d: Draw, per_example_loss: torch.Tensor, step: int) -> dict[str, float]:
+        """Called after each training loss with the detached per-example
+        losses; returns scalars to log.  Default: nothing."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Base(Variant):
+    """ε-prediction with uniform timesteps (Ho et al. 2020): ‖ε − ε_θ(x_t, t)‖²."""
+
+    name = "base"
+
+    def loss(self, model, d: Draw) -> torch.Tensor:
+        x_t = self.schedule.q_sample(d.x0, d.t, d.input_noise)
+        return per_example_mse(model(x_t, d.t.float()), d.noise)
+
+    def denoiser(self, model):
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+            t = self.schedule.t_from_sigma(sigma).to(x.device)
+            s = sigma.reshape(-1, 1, 1, 1)
+            x_t = x / (1 + s ** 2).sqrt()
+            eps = model(x_t, t).float()
+            return x - s * eps
+        return denoise
