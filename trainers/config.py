@@ -189,6 +189,31 @@ class SharpnessConfig:
         _check(self.trace_samples >= 0, "sharpness.trace_samples", f"must be >= 0; got {self.trace_samples}")
 
 
+SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")
+
+
+@dataclass
+class EvalConfig:
+    """Sampling and sample-quality metrics during training (EMA weights)."""
+    every: int = 0                # FID/IS/KID every N steps and at the end (0: off)
+    samples: int = 1000           # generated images per evaluation
+    batch_size: int = 250
+    sampler: str = "ddim"
+    sampler_steps: int = 50
+    grid_every: int = 0           # save a sample grid PNG every N steps and at the end (0: off)
+    grid_size: int = 64
+    inception_weights: Optional[str] = None  # local path to torch-fidelity's Inception weights
+
+    def __post_init__(self):
+        _check(self.every >= 0, "eval.every", f"must be >= 0; got {self.every}")
+        _check(self.samples >= 2, "eval.samples", f"must be >= 2; got {self.samples}")
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1; got {self.batch_size}")
+        _choice(self.sampler, SAMPLERS, "eval.sampler")
+        _check(self.sampler_steps >= 1, "eval.sampler_steps", f"must be >= 1; got {self.sampler_steps}")
+        _check(self.grid_every >= 0, "eval.grid_every", f"must be >= 0; got {self.grid_every}")
+        _check(self.grid_size >= 1, "eval.grid_size", f"must be >= 1; got {self.grid_size}")
+
+
 @dataclass
 class TrainConfig:
     """The loop: length, seed, precision, EMA, checkpoints, logging."""
@@ -223,6 +248,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     variant: VariantConfig = field(default_factory=VariantConfig)
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):

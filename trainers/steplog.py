@@ -28,6 +28,9 @@ topk               list<f64>    top-k eigenvalues (of the operator in ``ratio``)
 hessian_trace      float64      Hutchinson estimate of tr(H)
 batch_sharpness    float64      directional curvature gᵀHg/‖g‖² on the training batch
 variant_stats      string       JSON object of the variant's own scalars
+fid                float64      FID of EMA samples vs. real images (eval steps only)
+inception_score    float64      Inception score of the same samples
+kid                float64      kernel inception distance of the same samples
 =================  ===========  ==================================================
 """
 from __future__ import annotations
@@ -62,6 +65,9 @@ SCHEMA = pa.schema(
         ("hessian_trace", pa.float64()),
         ("batch_sharpness", pa.float64()),
         ("variant_stats", pa.string()),
+        ("fid", pa.float64()),
+        ("inception_score", pa.float64()),
+        ("kid", pa.float64()),
     ],
     metadata={b"eos_schema_version": str(SCHEMA_VERSION).encode()},
 )
