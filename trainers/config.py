@@ -173,6 +173,7 @@ class SharpnessConfig:
     max_iters: int = 100
     warm_start: bool = True
     precondition: str = "auto"   # auto: P^-1 H for Adam/AdamW, plain H otherwise; or "none"
+    plain_lambda: bool = True    # with P^-1 H, also solve for the plain λ₁(H) (a second eigen-solve)
     trace_samples: int = 0       # Hutchinson probes (0: off)
     batch_sharpness: bool = False
     refresh_batch: bool = False  # draw a new Hessian batch at every probe instead of a fixed one
