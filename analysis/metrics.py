@@ -1,0 +1,240 @@
+"""Edge-of-stability metrics of one trial, and their aggregation over seeds.
+
+Definitions (``ratio`` = λ₁ / threshold from the step log, where λ₁ is the top
+eigenvalue of P⁻¹H for Adam/AdamW and of H otherwise; only steps where the
+probe ran, i.e. ``ratio`` is not null, count):
+
+* **λ₁** = ``ratio × threshold`` (the operator the threshold applies to).
+* **EoS onset**: the first step whose ratio is ≥ 1; none if it never is.
+* **fraction near threshold**: among measured steps at or after the onset,
+  the fraction with |ratio − 1| ≤ 0.1.
+* **peak ratio**: the largest measured ratio.
+* **progressive-sharpening rate**: least-squares slope of λ₁ against the step
+  number over the measured steps before the onset (all measured steps if
+  the onset never comes), in λ units per step; needs two points.
+* **diverged**: the trial's status is ``diverged`` or its loss became NaN/inf.
+* **final loss**: the trials table's ``final_loss`` (else the last finite
+  logged loss); **FID / IS / KID**: the trials table's value when it has the
+  column, else the last measured value in the step log.
+
+Aggregation over seeds (per variant × learning rate) reports, over the seeds
+where a metric is finite (a diverged seed's final loss is inf and so left out;
+the divergence count says how many), the mean and a two-sided Student-t
+confidence interval mean ± t₍₁₊c₎/₂,ₙ₋₁ · s/√n (s the sample standard
+deviation; no band for a single seed), clipped to the metric's natural range
+(:data:`BOUNDS`: fractions in [0, 1], steps and ratios ≥ 0, FID ≥ 0, IS ≥ 1).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.load import Study
+
+NEAR_THRESHOLD = 0.10   # |ratio − 1| tolerance of "at the edge of stability"
+CONFIDENCE = 0.95       # confidence level of the bands over seeds
+
+SAMPLE_METRICS = ("fid", "inception_score", "kid")
+TRIAL_METRICS = ("onset_step", "frac_near_threshold", "peak_ratio", "sharpening_rate",
+                 "final_loss", *SAMPLE_METRICS)
+# bands of quantities bounded by definition are clipped to the bounds
+BOUNDS = {"onset_step": (0.0, None), "frac_near_threshold": (0.0, 1.0), "peak_ratio": (0.0, None),
+          "fid": (0.0, None), "inception_score": (1.0, None)}
+
+
+# ---------------------------------------------------------------------------
+# one curve
+
+
+def _measured(step, values) -> tuple[np.ndarray, np.ndarray]:
+    step = np.asarray(step, dtype=float)
+    values = np.asarray(values, dtype=float)
+    keep = np.isfinite(values) & np.isfinite(step)
+    order = np.argsort(step[keep], kind="stable")
+    return step[keep][order], values[keep][order]
+
+
+def eos_onset(step, ratio) -> Optional[int]:
+    """The first step with ratio ≥ 1, or None."""
+    s, r = _measured(step, ratio)
+    hits = np.nonzero(r >= 1.0)[0]
+    return int(s[hits[0]]) if len(hits) else None
+
+
+def fraction_near_threshold(step, ratio, onset: Optional[int],
+                            tolerance: float = NEAR_THRESHOLD) -> float:
+    """Fraction of measured steps ≥ ``onset`` with |ratio − 1| ≤ tolerance
+    (NaN without an onset)."""
+    if onset is None:
+        return float("nan")
+    s, r = _measured(step, ratio)
+    after = r[s >= onset]
+    if len(after) == 0:
+        return float("nan")
+    return float(np.mean(np.abs(after - 1.0) <= tolerance))
+
+
+def peak_ratio(ratio) -> float:
+    r = np.asarray(ratio, dtype=float)
+    r = r[np.isfinite(r)]
+    return float(r.max()) if len(r) else float("nan")
+
+
+def sharpening_rate(step, lam, onset: Optional[int]) -> float:
+    """Least-squares slope dλ/dstep over measured steps before ``onset``."""
+    s, v = _measured(step, lam)
+    if onset is not None:
+        before = s < onset
+        s, v = s[before], v[before]
+    if len(s) < 2 or np.ptp(s) == 0:
+        return float("nan")
+    return float(np.polyfit(s, v, 1)[0])
+
+
+# ---------------------------------------------------------------------------
+# per trial
+
+
+def with_lambda(steps: pd.DataFrame) -> pd.DataFrame:
+    """``steps`` plus a ``lambda`` column = ratio × threshold (λ₁ of the
+    operator the threshold applies to)."""
+    out = steps.copy()
+    out["lambda"] = out["ratio"].astype(float) * out["threshold"].astype(float)
+    return out
+
+
+def _last_finite(step: pd.Series, values: pd.Series) -> tuple[float, float]:
+    ok = np.isfinite(values.to_numpy(dtype=float))
+    if not ok.any():
+        return float("nan"), float("nan")
+    i = np.nonzero(ok)[0][-1]
+    return float(values.iloc[i]), float(step.iloc[i])
+
+
+def trial_metrics(steps: pd.DataFrame) -> dict:
+    """The metrics of one trial from its per-step rows (any order)."""
+    steps = steps.sort_values("step", kind="stable")
+    step, ratio = steps["step"], steps["ratio"]
+    lam = ratio.astype(float) * steps["threshold"].astype(float)
+    onset = eos_onset(step, ratio)
+    loss = steps["loss"].to_numpy(dtype=float)
+    last_loss, _ = _last_finite(steps["step"], steps["loss"])
+    out = {
+        "onset_step": float("nan") if onset is None else onset,
+        "reached_eos": onset is not None,
+        "frac_near_threshold": fraction_near_threshold(step, ratio, onset),
+        "peak_ratio": peak_ratio(ratio),
+        "sharpening_rate": sharpening_rate(step, lam, onset),
+        "nonfinite_loss": bool(len(loss) and not np.isfinite(loss).all()),
+        "last_logged_loss": last_loss,
+        "logged_steps": int(len(steps)),
+        "measured_steps": int(np.isfinite(ratio.to_numpy(dtype=float)).sum()),
+    }
+    for name in SAMPLE_METRICS:
+        value, at = _last_finite(steps["step"], steps[name]) if name in steps else (float("nan"), float("nan"))
+        out[name] = value
+        out[f"{name}_step"] = at
+    return out
+
+
+def per_trial_metrics(study: Study) -> pd.DataFrame:
+    """One row per trial: the trials table's identity columns and the metrics."""
+    groups = dict(tuple(study.steps.groupby("trial_id", sort=False)))
+    empty = study.steps.iloc[0:0]
+    rows = []
+    for trial in study.trials.itertuples(index=False):
+        row = trial._asdict()
+        m = trial_metrics(groups.get(trial.trial_id, empty))
+        for name in SAMPLE_METRICS:  # the trials table wins where it has a value
+            table_value = row.get(name)
+            if table_value is not None and not pd.isna(table_value) and np.isfinite(float(table_value)):
+                m[name] = float(table_value)
+        table_loss = row.get("final_loss")
+        has_table_loss = table_loss is not None and not pd.isna(table_loss)
+        m["final_loss"] = float(table_loss) if has_table_loss else m["last_logged_loss"]
+        m["diverged"] = row["status"] == "diverged" or m["nonfinite_loss"]
+        row.update(m)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["variant", "lr", "seed"], kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------
+# over seeds
+
+
+def t_band(mean: np.ndarray, std: np.ndarray, n: np.ndarray,
+           confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Student-t interval mean ± t·s/√n (NaN where n < 2)."""
+    n = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = stats.t.ppf(0.5 + confidence / 2, np.where(n >= 2, n - 1, np.nan)) * np.asarray(std) / np.sqrt(n)
+    return np.asarray(mean) - half, np.asarray(mean) + half
+
+
+def mean_band(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, int]:
+    """(mean, low, high, n) of the finite ``values``."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = float(v.mean())
+    std = float(v.std(ddof=1)) if n >= 2 else float("nan")
+    lo, hi = t_band(np.array([mean]), np.array([std]), np.array([n]), confidence)
+    return mean, float(lo[0]), float(hi[0]), n
+
+
+def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_METRICS,
+                      confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per variant × lr: trial counts, divergence fraction, and for each metric
+    ``<m>_mean``, ``<m>_lo``, ``<m>_hi``, ``<m>_n`` over the trials where it is
+    finite (seeds that never reached the threshold have no onset)."""
+    rows = []
+    for (variant, lr), group in per_trial.groupby(["variant", "lr"], sort=True):
+        row = {
+            "variant": variant,
+            "lr": lr,
+            "n_trials": len(group),
+            "n_completed": int((group["status"] == "completed").sum()),
+            "n_diverged": int(group["diverged"].sum()),
+            "diverged_frac": float(group["diverged"].mean()),
+            "n_reached_eos": int(group["reached_eos"].sum()),
+        }
+        for name in metrics:
+            mean, lo, hi, n = mean_band(group[name], confidence)
+            low, high = BOUNDS.get(name, (None, None))
+            lo = lo if low is None or not np.isfinite(lo) else max(lo, low)
+            hi = hi if high is None or not np.isfinite(hi) else min(hi, high)
+            row.update({f"{name}_mean": mean, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_n": n})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "threshold"),
+           confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per variant × lr × step: mean and band over seeds of each column
+    (``<c>_mean``, ``<c>_lo``, ``<c>_hi``, ``<c>_n``), from the finite values
+    at that step.  ``lambda`` is ratio × threshold."""
+    lr_of = study.trials.set_index("trial_id")["lr"]
+    steps = with_lambda(study.steps)
+    steps["lr"] = steps["trial_id"].map(lr_of)   # the trial's nominal lr (warm-up changes the logged one)
+    keys = ["variant", "lr", "step"]
+    parts = []
+    for col in columns:
+        values = steps[keys + [col]].copy()
+        values[col] = values[col].astype(float).where(np.isfinite(values[col].astype(float)))
+        g = values.dropna(subset=[col]).groupby(keys, sort=True)[col].agg(["mean", "std", "count"])
+        lo, hi = t_band(g["mean"].to_numpy(), g["std"].to_numpy(), g["count"].to_numpy(), confidence)
+        parts.append(pd.DataFrame({f"{col}_mean": g["mean"], f"{col}_lo": lo, f"{col}_hi": hi,
+                                   f"{col}_n": g["count"]}, index=g.index))
+    if not parts:
+        return pd.DataFrame(columns=keys)
+    out = pd.concat(parts, axis=1).sort_index().reset_index()
+    for col in columns:
+        out[f"{col}_n"] = out[f"{col}_n"].fillna(0).astype(int)
+    return out
+
