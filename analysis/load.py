@@ -114,8 +114,7 @@ def read_study_steps(study_dir: str | os.PathLike,
         frame["trial_id"] = pd.Series(dtype=object)
         return frame
     dataset = ds.dataset(steps_dir, format="parquet", schema=schema,
-                         partitioning=ds.partitioning(partitions, flavor="hive"),
-                         exclude_invalid_files=True)
+                         partitioning=ds.partitioning(partitions, flavor="hive"))
     table = dataset.to_table(columns=[*cols, "variant", "trial"])
     frame = table.to_pandas().rename(columns={"trial": "trial_id"})
     return frame.sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)

@@ -194,3 +194,38 @@ def fixture_trials() -> list[SyntheticTrial]:
 def build_fixture_study(root: Path, name: str = "fixture") -> tuple[Path, list[SyntheticTrial]]:
     trials = fixture_trials()
     return write_study(Path(root) / name, trials), trials
+
+
+def check_report(study_dir: Path, out_dir: Path):
+    """Build the report of ``study_dir`` into ``out_dir`` and check that it is
+    complete: HTML with every figure embedded (no external files), Markdown
+    summary with one table row per variant × lr, CSV tables, PNG + SVG files.
+    Returns the :class:`analysis.report.ReportPaths`.  For any study folder,
+    e.g. the smoke study's: ``check_report(results / "smoke", tmp_path)``."""
+    import base64
+    import re
+
+    from analysis.load import load
+    from analysis.report import build_report
+
+    study = load(study_dir)
+    paths = build_report(study_dir, out_dir, quiet=True)
+    page = paths.html.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    sources = re.findall(r"""src=['"]([^'"]+)['"]""", page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources), "report must be self-contained"
+    for s in sources:
+        assert base64.b64decode(s.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(sources) == len(paths.figures) >= 1
+    for fig in paths.figures.values():
+        assert fig.png.stat().st_size > 1000 and fig.svg.stat().st_size > 1000
+    groups = study.trials.groupby(["variant", "lr"]).ngroups
+    summary = pd.read_csv(paths.summary_csv)
+    assert len(summary) == groups
+    assert len(pd.read_csv(paths.per_trial_csv)) == len(study.trials)
+    md = paths.markdown.read_text(encoding="utf-8")
+    table_rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table_rows) == groups + 1            # header + one row per variant × lr
+    for variant in study.variants:
+        assert f"| {variant} |" in md and variant in page
+    return paths

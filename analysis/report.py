@@ -1,0 +1,291 @@
+"""``eos report``: a study's (or a run's) tables and figures as HTML and Markdown.
+
+:func:`build_report` writes into ``<study>/report/`` (or ``out_dir``):
+
+* ``report.html`` — self-contained (figures embedded as base64 PNG, inline CSS);
+* ``summary.md`` — the summary table, definitions and links to the figures;
+* ``summary.csv``, ``per_trial.csv`` — the numbers behind the tables;
+* ``figures/<name>.png`` and ``.svg``.
+
+and prints the summary table.  Sample-quality metrics are optional: without
+any FID value the report says so and builds the rest.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis import metrics as M
+from analysis import plots as P
+from analysis.load import Study, load
+
+FIGURE_CAPTIONS = {
+    "lambda": "λ₁ against the step, one panel per variant; the dashed line of each colour is that "
+              "learning rate's stability threshold.",
+    "ratio": "λ₁/threshold of every variant, one axis per learning rate (log scale); the dashed line is the "
+             "threshold and the grey band ±10 % around it.",
+    "loss": "Training loss, one panel per variant.",
+    "heatmaps": "Mean EoS onset step and fraction of diverged seeds over variant × learning rate.",
+    "fid": "Final FID of EMA samples against the learning rate.",
+}
+
+DEFINITIONS = [
+    ("ratio", "λ₁ / threshold, where λ₁ is the top eigenvalue of P⁻¹H for Adam/AdamW and of H otherwise, and "
+              "the threshold is 2/η (GD), (2+2β)/η (momentum) or (2+2β₁)/((1−β₁)η) (Adam)."),
+    ("onset", "first step with ratio ≥ 1 (mean over the seeds that reached it; the count is shown)."),
+    ("near threshold", f"fraction of probed steps at or after the onset with |ratio − 1| ≤ {M.NEAR_THRESHOLD:.0%}."),
+    ("peak ratio", "largest probed ratio."),
+    ("sharpening rate", "least-squares slope of λ₁ per step over the probed steps before the onset."),
+    ("diverged", "trial status `diverged` or a NaN/inf loss."),
+    ("final loss", "the trial's final training loss; the mean is over seeds whose final loss is finite."),
+    ("bands", f"[low, high] is the {M.CONFIDENCE:.0%} Student-t confidence interval of the mean over seeds "
+              "(clipped to the quantity's natural range, e.g. [0, 1] for fractions)."),
+]
+
+
+@dataclass
+class StudyTables:
+    per_trial: pd.DataFrame
+    aggregate: pd.DataFrame
+    curves: pd.DataFrame
+
+
+@dataclass
+class ReportPaths:
+    out_dir: Path
+    html: Path
+    markdown: Path
+    summary_csv: Path
+    per_trial_csv: Path
+    figures: dict[str, P.FigurePaths] = field(default_factory=dict)
+
+
+def study_tables(study: Study) -> StudyTables:
+    per_trial = M.per_trial_metrics(study)
+    return StudyTables(per_trial, M.aggregate_metrics(per_trial), M.curves(study))
+
+
+def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
+                 progress: bool = False) -> dict[str, P.FigurePaths]:
+    """Every figure the data supports, saved under ``out_dir``."""
+    optimizers = list(study.trials["optimizer"]) if "optimizer" in study.trials else []
+    c, agg = tables.curves, tables.aggregate
+    has_ratio = "ratio_n" in c and c["ratio_n"].sum() > 0
+    has_loss = "loss_n" in c and c["loss_n"].sum() > 0
+    makers = {
+        "lambda": (lambda: P.plot_lambda(c, optimizers)) if has_ratio else None,
+        "ratio": (lambda: P.plot_ratio(c)) if has_ratio else None,
+        "loss": (lambda: P.plot_loss(c)) if has_loss else None,
+        "heatmaps": (lambda: P.plot_heatmaps(agg)) if len(agg) else None,
+        "fid": (lambda: P.plot_fid(agg)) if len(agg) else None,
+    }
+    out = {}
+    for name, make in makers.items():
+        fig = make() if make else None
+        if fig is None:
+            continue
+        out[name] = P.save_figure(fig, out_dir, name)
+        if progress:
+            print(f"  figure {out[name].png}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# formatting
+
+
+def _num(x: float, digits: int = 3) -> str:
+    if x is None or not np.isfinite(x):
+        return "—" if x is None or np.isnan(x) else ("∞" if x > 0 else "−∞")
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def _with_band(row: pd.Series, name: str, fmt=_num) -> str:
+    mean, lo, hi, n = row[f"{name}_mean"], row[f"{name}_lo"], row[f"{name}_hi"], row[f"{name}_n"]
+    if n == 0 or not np.isfinite(mean):
+        return "—"
+    if n >= 2 and np.isfinite(lo):
+        return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+    return fmt(mean)
+
+
+def _pct(x: float) -> str:
+    return "—" if not np.isfinite(x) else f"{x:.0%}"
+
+
+def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
+    """The aggregate table formatted for reading (strings), one row per variant × lr."""
+    has_fid = "fid_n" in aggregate and aggregate["fid_n"].sum() > 0
+    rows = []
+    for _, r in aggregate.iterrows():
+        row = {
+            "variant": r["variant"],
+            "lr": f"{r['lr']:.0e}",
+            "seeds": int(r["n_trials"]),
+            "diverged": f"{int(r['n_diverged'])}/{int(r['n_trials'])}",
+            "reached EoS": f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}",
+            "onset step": _with_band(r, "onset_step", lambda x: f"{x:.0f}"),
+            "near threshold": _with_band(r, "frac_near_threshold", _pct),
+            "peak ratio": _with_band(r, "peak_ratio"),
+            "sharpening rate (λ/step)": _with_band(r, "sharpening_rate"),
+            "final loss": _with_band(r, "final_loss"),
+        }
+        if has_fid:
+            row["FID"] = _with_band(r, "fid")
+            row["IS"] = _with_band(r, "inception_score")
+            row["KID"] = _with_band(r, "kid")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
+    cols = {"trial_id": "trial", "variant": "variant", "lr": "lr", "seed": "seed", "status": "status",
+            "steps_done": "steps", "onset_step": "onset step", "frac_near_threshold": "near threshold",
+            "peak_ratio": "peak ratio", "sharpening_rate": "sharpening rate", "final_loss": "final loss",
+            "fid": "FID"}
+    table = per_trial[[c for c in cols if c in per_trial]].rename(columns=cols).copy()
+    table["lr"] = table["lr"].map(lambda x: f"{x:.0e}")
+    table["onset step"] = table["onset step"].map(lambda x: "—" if not np.isfinite(x) else f"{x:.0f}")
+    table["near threshold"] = table["near threshold"].map(_pct)
+    for c in ("peak ratio", "sharpening rate", "final loss", "FID"):
+        if c in table:
+            table[c] = table[c].map(lambda x: _num(float(x)))
+    return table
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
+             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def sample_metrics_note(per_trial: pd.DataFrame) -> Optional[str]:
+    """None when some trial has an FID; else why there is none and how to get it."""
+    if "fid" in per_trial and np.isfinite(per_trial["fid"].astype(float)).any():
+        return None
+    from analysis.fid import InceptionWeightsMissing, find_inception_weights
+
+    note = ("No FID/IS/KID was measured in this study. They are computed during training every "
+            "`eval.every` steps (0 turns them off) from EMA samples, and need the Inception weights.")
+    try:
+        path = find_inception_weights()
+        note += f" On this machine the weights are present ({path})."
+    except InceptionWeightsMissing as err:
+        note += " On this machine they are missing:\n\n" + str(err)
+    return note
+
+
+def _status_counts(trials: pd.DataFrame) -> str:
+    counts = trials["status"].value_counts()
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+# ---------------------------------------------------------------------------
+# the documents
+
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.88em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+pre.note { background: #fff8e5; border: 1px solid #f0d68a; padding: 0.8em; white-space: pre-wrap; }
+dl dt { font-weight: bold; } dl dd { margin: 0 0 0.5em 1.5em; }
+"""
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, escape=True, border=0, na_rep="—")
+
+
+def render_html(study: Study, tables: StudyTables, figures: dict[str, P.FigurePaths],
+                note: Optional[str]) -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'>",
+             f"<title>EoS report — {html.escape(study.name)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>Edge-of-stability report — {html.escape(study.name)}</h1>",
+             f"<p>{html.escape(str(study.path))} · {len(study.trials)} trial(s): "
+             f"{html.escape(_status_counts(study.trials))} · variants: {html.escape(', '.join(study.variants))}"
+             f" · learning rates: {html.escape(', '.join(f'{lr:.0e}' for lr in study.lrs))}</p>",
+             "<h2>Summary (variant × learning rate, mean [95% CI] over seeds)</h2>",
+             _html_table(summary_table(tables.aggregate))]
+    if note:
+        parts.append(f"<pre class='note'>{html.escape(note)}</pre>")
+    parts.append("<h2>Figures</h2>")
+    for name, paths in figures.items():
+        data = base64.b64encode(paths.png.read_bytes()).decode("ascii")
+        parts.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(FIGURE_CAPTIONS.get(name, name))} "
+                     f"(SVG: figures/{paths.svg.name})</figcaption></figure>")
+    parts.append("<h2>Trials</h2>")
+    parts.append(_html_table(per_trial_table(tables.per_trial)))
+    parts.append("<h2>Definitions</h2><dl>")
+    for term, text in DEFINITIONS:
+        parts.append(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>")
+    parts.append("</dl></body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(study: Study, tables: StudyTables, figures: dict[str, P.FigurePaths],
+                    note: Optional[str], out_dir: Path) -> str:
+    lines = [f"# Edge-of-stability report — {study.name}", "",
+             f"`{study.path}` · {len(study.trials)} trial(s): {_status_counts(study.trials)}", "",
+             "## Summary (variant × learning rate, mean [95% CI] over seeds)", "",
+             markdown_table(summary_table(tables.aggregate)), ""]
+    if note:
+        lines += ["> " + line if line else ">" for line in note.splitlines()]
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""]
+        for name, paths in figures.items():
+            rel = paths.png.relative_to(out_dir).as_posix()
+            lines += [f"![{name}]({rel})", "", f"*{FIGURE_CAPTIONS.get(name, name)}*", ""]
+    lines += ["## Definitions", ""]
+    lines += [f"- **{term}**: {text}" for term, text in DEFINITIONS]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(study_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
+                 quiet: bool = False) -> ReportPaths:
+    """Write the HTML report, the Markdown summary, CSV tables and figures of
+    the study (or single run) in ``study_dir`` into ``out_dir`` (default
+    ``<study_dir>/report``), print the summary table unless ``quiet``, and
+    return the paths."""
+    study_dir = Path(study_dir)
+    out_dir = Path(out_dir) if out_dir is not None else study_dir / "report"
+    if not quiet:
+        print(f"loading {study_dir}", flush=True)
+    study = load(study_dir)
+    tables = study_tables(study)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = draw_figures(study, tables, out_dir / "figures", progress=not quiet)
+    note = sample_metrics_note(tables.per_trial)
+    paths = ReportPaths(out_dir=out_dir, html=out_dir / "report.html", markdown=out_dir / "summary.md",
+                        summary_csv=out_dir / "summary.csv", per_trial_csv=out_dir / "per_trial.csv",
+                        figures=figures)
+    tables.aggregate.to_csv(paths.summary_csv, index=False)
+    tables.per_trial.to_csv(paths.per_trial_csv, index=False)
+    paths.html.write_text(render_html(study, tables, figures, note), encoding="utf-8")
+    paths.markdown.write_text(render_markdown(study, tables, figures, note, out_dir), encoding="utf-8")
+    if not quiet:
+        with pd.option_context("display.width", 200, "display.max_columns", None):
+            print(summary_table(tables.aggregate).to_string(index=False))
+        if note:
+            print(note)
+        print(f"report: {paths.html}\nsummary: {paths.markdown}")
+    return paths

@@ -1,0 +1,61 @@
+"""`eos report`: HTML + Markdown from a fixture study and from a run folder."""
+import argparse
+
+import pandas as pd
+import pytest
+
+from analysis import cli
+from analysis.report import build_report
+from analysis_fixtures import SyntheticTrial, build_fixture_study, check_report, write_run, write_study
+
+
+def test_report_from_fixture_study(tmp_path, capsys):
+    study_dir, trials = build_fixture_study(tmp_path)
+    paths = check_report(study_dir, tmp_path / "out")
+    assert set(paths.figures) == {"lambda", "ratio", "loss", "heatmaps", "fid"}
+    page = paths.html.read_text(encoding="utf-8")
+    md = paths.markdown.read_text(encoding="utf-8")
+    # base at 1e-3: onsets 40, 44, 48 → "44 [34, 54]"; edm at 1e-3: one of two seeds diverged
+    assert "44 [34, 54]" in md and "44 [34, 54]" in page
+    assert "| edm | 1e-03 | 2 | 1/2 | 2/2 |" in md
+    assert "No FID" not in md                      # vparam measured FID
+    summary = pd.read_csv(paths.summary_csv).set_index(["variant", "lr"])
+    assert summary.loc[("base", 1e-3), "onset_step_mean"] == 44.0
+    # quiet=True prints nothing; the CLI prints the table
+    assert capsys.readouterr().out == ""
+
+
+def test_report_without_fid_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    trials = [SyntheticTrial("base", lr, seed, steps=40, onset=20 + 2 * seed) for lr in (1e-3, 1e-4) for seed in (0, 1)]
+    study_dir = write_study(tmp_path / "nofid", trials)
+    paths = build_report(study_dir)                  # default out: <study>/report
+    assert paths.html.parent == study_dir / "report"
+    assert "fid" not in paths.figures
+    out = capsys.readouterr().out
+    assert "onset step" in out and "21 [8, 34]" in out   # onsets 20, 22: 21 ± t(0.975, 1)·√2/√2
+    for text in (paths.html.read_text(encoding="utf-8"), paths.markdown.read_text(encoding="utf-8"), out):
+        assert "No FID/IS/KID was measured" in text
+        assert "eval.inception_weights" in text
+
+
+def test_report_of_a_single_run(tmp_path):
+    run = write_run(tmp_path / "runs" / "one", SyntheticTrial("base", 1e-3, 0, steps=50, onset=25))
+    paths = check_report(run, tmp_path / "out")
+    assert "| base | 1e-03 | 1 | 0/1 | 1/1 | 25 |" in paths.markdown.read_text(encoding="utf-8")
+
+
+def test_cli_standalone_and_registered(tmp_path, capsys):
+    run = write_run(tmp_path / "run", SyntheticTrial("base", 1e-3, 0, steps=20, onset=10))
+    # as the eos dispatcher uses it
+    parser = argparse.ArgumentParser(prog="eos")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["report", str(run), "--out", str(tmp_path / "b")])
+    assert args.func(args) == 0 and (tmp_path / "b" / "report.html").is_file()
+    out = capsys.readouterr().out
+    assert "reached EoS" in out and str(tmp_path / "b" / "report.html") in out
+    # standalone (python -m analysis.cli report ...): errors are one line and exit code 2
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such study or run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["report"])                       # the study folder is required
