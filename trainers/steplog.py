@@ -104,6 +104,12 @@ class StepLog:
     def append(self, **values) -> None:
         self._rows.append(_row(values))
 
+    def update_last(self, **values) -> None:
+        """Fill columns of the newest buffered row (e.g. FID measured after the step)."""
+        if not self._rows:
+            raise RuntimeError("no buffered row to update")
+        self._rows[-1].update(_row({**{k: v for k, v in self._rows[-1].items() if v is not None}, **values}))
+
     def chunks(self) -> list[Path]:
         return sorted(self.directory.glob("part-*.parquet"))
 

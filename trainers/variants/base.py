@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
+from trainers import parameterization as param
 from trainers.config import ConfigError, VariantConfig, from_dict
 from trainers.schedules import NoiseSchedule
 
@@ -45,6 +46,13 @@ class Draw:
     def __len__(self) -> int:
         return self.x0.shape[0]
 
+    def split(self, size: int) -> list["Draw"]:
+        """Consecutive per-example slices of at most ``size`` examples (for
+        gradient accumulation); ``extra`` (e.g. a reference batch) is shared."""
+        n = len(self)
+        return [Draw(self.x0[i:i + size], self.t[i:i + size], self.noise[i:i + size],
+                     self.input_noise[i:i + size], self.extra) for i in range(0, n, size)]
+
 
 @dataclass
 class NoOptions:
@@ -53,6 +61,12 @@ class NoOptions:
 
 def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def check_option(ok: bool, name: str, message: str) -> None:
+    """Validation for a variant's ``Options``: the error names the field."""
+    if not ok:
+        raise ConfigError(f"variant.options.{name}: {message}")
 
 
 class Variant:
@@ -91,6 +105,12 @@ class Variant:
             input_noise = noise + self.cfg.input_perturbation * extra
         return noise, input_noise
 
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """(σ_min, σ_max) the denoiser was trained on; continuous-σ samplers
+        (Heun, DPM-Solver++) start at σ_max and stop at σ_min."""
+        return self.schedule.sigma_min, self.schedule.sigma_max
+
     def draw(self, x0: torch.Tensor, generator: torch.Generator, step: int = 0) -> Draw:
         t = self.sample_t(x0.shape[0], generator, step, x0.device)
         noise, input_noise = self.sample_noise(x0, generator)
@@ -117,20 +137,42 @@ class Variant:
 
 
 class Base(Variant):
-    """ε-prediction with uniform timesteps (Ho et al. 2020): ‖ε − ε_θ(x_t, t)‖²."""
+    """ε-prediction with uniform timesteps (Ho et al. 2020): ‖ε − ε_θ(x_t, t)‖².
+
+    Also the skeleton of every discrete-time variant: the network sees the VP
+    state x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε and the timestep t, predicts
+    ``prediction`` (see :mod:`trainers.parameterization`), and the per-example
+    loss is ``loss_weight(d) · ‖output − target(d)‖²``.  Subclasses change the
+    timestep distribution (``sample_t``/``draw``), the target or the weight.
+    """
 
     name = "base"
+    prediction: str = "eps"
+
+    def scales(self, t: torch.Tensor, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1−ᾱ_t)) shaped to broadcast over an ``ndim`` batch."""
+        return self.schedule.at(self.schedule.sqrt_alpha_bar, t, ndim), \
+            self.schedule.at(self.schedule.sqrt_one_minus_alpha_bar, t, ndim)
+
+    def target(self, d: Draw) -> torch.Tensor:
+        alpha, s = self.scales(d.t, d.x0.ndim)
+        return param.target(self.prediction, d.x0, d.noise, alpha, s)
+
+    def loss_weight(self, d: Draw) -> Optional[torch.Tensor]:
+        """Per-example weight (B,), or None for an unweighted loss."""
+        return None
 
     def loss(self, model, d: Draw) -> torch.Tensor:
         x_t = self.schedule.q_sample(d.x0, d.t, d.input_noise)
-        return per_example_mse(model(x_t, d.t.float()), d.noise)
+        loss = per_example_mse(model(x_t, d.t.float()), self.target(d))
+        weight = self.loss_weight(d)
+        return loss if weight is None else weight * loss
 
     def denoiser(self, model):
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+            sigma = param.batch_sigma(sigma, x)
             t = self.schedule.t_from_sigma(sigma).to(x.device)
-            s = sigma.reshape(-1, 1, 1, 1)
-            x_t = x / (1 + s ** 2).sqrt()
-            eps = model(x_t, t).float()
-            return x - s * eps
+            alpha, s = param.vp_scales(param.expand_like(sigma, x))
+            x_t = alpha * x
+            return param.to_x0(self.prediction, x_t, model(x_t, t).float(), alpha, s)
         return denoise

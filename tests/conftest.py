@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+# The CI machine has 2 cores; keep each test process to them and quiet.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_config(**sections) -> dict:
+    """A CPU-sized run config: tiny U-Net, 16×16 synthetic images."""
+    from trainers.config import merge
+
+    base = {
+        "model": {"preset": "tiny"},
+        "data": {"name": "synthetic", "image_size": 16, "synthetic_size": 64, "batch_size": 16},
+        "sharpness": {"every": 0},
+        "train": {"steps": 20, "checkpoint_every": 10, "print_every": 0},
+        "optim": {"name": "adam", "lr": 1e-3},
+    }
+    return merge(base, sections)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config
