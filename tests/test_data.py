@@ -71,3 +71,8 @@ def test_fixed_and_full_batching():
     assert torch.equal(fixed.batch(0), fixed.batch(99))
     full = Batches(imgs, DataConfig(image_size=8, batch_size=4, batching="full"), 0, "cpu")
     assert full.batch(5).shape[0] == 20
+
+
+def test_cifar10_without_download_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="data.path"):
+        load_images(DataConfig(name="cifar10", path=str(tmp_path), download=False))

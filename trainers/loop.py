@@ -156,9 +156,25 @@ class Trainer:
             return draw.split(self.cfg.data.batch_size)
         return draw.split(self.cfg.data.batch_size // self.cfg.optim.accumulate)
 
+    def deterministic_objective(self) -> bool:
+        """Fixed/full batch with fixed noise: every step minimises the same loss."""
+        return self.cfg.train.fixed_noise and self.cfg.data.batching != "random"
+
     def frozen_hessian_draw(self, step: int):
         """The Hessian batch: fixed x₀, t/σ and noise (redrawn each probe
-        only with ``sharpness.refresh_batch``)."""
+        only with ``sharpness.refresh_batch``).  When the training objective
+        is deterministic (GD on a fixed batch with fixed noise), the Hessian
+        batch is that objective's own draw (its first ``hessian_batch``
+        examples), so λ₁ is the curvature of the loss GD actually descends."""
+        if self.deterministic_objective():
+            if self.hessian_draw is None:
+                draw = self.draws(step)
+                examples = min(self.cfg.sharpness.hessian_batch, sum(len(d) for d in draw))
+                full = draw[0] if len(draw) == 1 else type(draw[0])(
+                    *(torch.cat([getattr(d, f) for d in draw]) for f in ("x0", "t", "noise", "input_noise")),
+                    draw[0].extra)
+                self.hessian_draw = full.split(examples)[0]
+            return self.hessian_draw
         if self.hessian_draw is None or self.cfg.sharpness.refresh_batch:
             x0 = self.batches.hessian_batch(self.cfg.sharpness.hessian_batch)
             s = step if self.cfg.sharpness.refresh_batch else 0
