@@ -1,0 +1,132 @@
+"""``eos study``: sweeps of variants × learning rates × seeds with Ray Tune.
+
+    eos study run SPEC [--name NAME] [--set KEY=VALUE ...] [--address auto] [--dry-run]
+    eos study resume STUDY_DIR_OR_NAME [--address auto]
+
+SPEC is a YAML file or a preset name (smoke, paper, optuna; study/presets/).
+Without ``--address`` a local Ray instance runs the trials (no dashboard);
+``--address auto`` (or HOST:PORT) runs them on an existing Ray cluster.
+Results: results/<name>/{study.json, trials.parquet, steps/variant=*/trial=*/}.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+EPILOG = """spec format (see study/spec.py and study/presets/):
+  study:      name, variants, optimizer, seeds, objective (final_loss | fid | largest_stable_lr),
+              storage, max_failures, variant_options
+  search:     algorithm (grid | optuna), lr ({grid: [...]} | {log_uniform: [low, high]}),
+              num_samples (optuna, per variant and seed), seed
+  resources:  cpu, gpu (fractional, e.g. 0.25), max_concurrent
+  early_stop: loss_blowup, ratio_above, ratio_steps
+  model, data, schedule, optim, variant, sharpness, eval, train: the base run config of every trial
+"""
+
+
+def _graceful_sigterm() -> None:
+    """SIGTERM (scancel, kubectl delete) -> SIGINT, which Tune turns into a
+    clean stop that saves the experiment for ``eos study resume``."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from study.spec import load_spec
+    from trainers.cli import parse_override
+    from trainers.config import ConfigError
+
+    try:
+        spec = load_spec(args.spec, name=args.name, overrides=[parse_override(t) for t in args.set])
+    except ConfigError as e:
+        print(f"eos study run: invalid spec: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return _print_plan(spec)
+    from study.runner import run_study, summary
+
+    _graceful_sigterm()
+    try:
+        outcome = run_study(spec, address=args.address, num_cpus=args.num_cpus, autoscale=args.autoscale,
+                            verbose=args.verbose)
+    except ConfigError as e:
+        print(f"eos study run: {e}", file=sys.stderr)
+        return 2
+    print(summary(outcome), flush=True)
+    return 0 if outcome.complete and not outcome.errors else 1
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from study.runner import resume_study, summary
+    from trainers.config import ConfigError
+
+    _graceful_sigterm()
+    try:
+        outcome = resume_study(args.study, address=args.address, num_cpus=args.num_cpus,
+                               autoscale=args.autoscale, verbose=args.verbose)
+    except ConfigError as e:
+        print(f"eos study resume: {e}", file=sys.stderr)
+        return 2
+    print(summary(outcome), flush=True)
+    return 0 if outcome.complete and not outcome.errors else 1
+
+
+def _print_plan(spec) -> int:
+    print(f"study {spec.name} -> {spec.study_dir}")
+    print(f"  {spec.num_trials()} trials, search {spec.search.algorithm}, objective {spec.study.objective} "
+          f"({spec.mode}), {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial, "
+          f"at most {spec.resources.max_concurrent} at once")
+    if spec.search.algorithm == "grid":
+        for key in spec.grid_trials():
+            print(f"  {key.trial_id}")
+    else:
+        low, high = spec.search.lr.log_uniform
+        for v in spec.study.variants:
+            for s in spec.study.seeds:
+                print(f"  {v} seed {s}: {spec.search.num_samples} TPE trials, lr in [{low:g}, {high:g}] (log)")
+    return 0
+
+
+def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on ('auto', or HOST:PORT of the head); default: a local Ray instance")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray instance (default: all); ignored with --address")
+    p.add_argument("--autoscale", action="store_true",
+                   help="on a cluster, do not fail when no node fits a trial yet (the autoscaler adds nodes)")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                   help="Tune's progress output: 0 silent, 1 status table (default), 2 every result")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("study", help="Ray Tune / Optuna sweeps over variants × learning rates",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+
+    run = sub.add_parser("run", help="validate a spec and run its trials", description=__doc__,
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("spec", help="study spec YAML, or a preset name (smoke, paper, optuna)")
+    run.add_argument("--name", default=None, help="study name (default: study.name of the spec)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec value, e.g. --set train.steps=200 --set 'search.lr.grid=[1e-3]'")
+    run.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
+    _add_cluster_arguments(run)
+    run.set_defaults(func=_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted study",
+                            description="Continue an interrupted study: unfinished and errored trials resume "
+                                        "from their checkpoints, trials not yet started start.")
+    resume.add_argument("study", help="study folder (results/<name>) or name under results/")
+    _add_cluster_arguments(resume)
+    resume.set_defaults(func=_resume)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

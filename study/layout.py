@@ -1,0 +1,100 @@
+"""The study folder, ``<storage>/<name>/``::
+
+    study.json                                     the resolved spec (absolute paths)
+    trials.parquet                                 one row per trial (study.trials)
+    steps/variant=<v>/trial=<trial_id>/part-*.parquet
+                                                   every trial's per-step log, one hive-
+                                                   partitioned dataset (pandas.read_parquet(steps))
+    runs/<trial_id>/                               the trainer's run folder: config.json,
+                                                   status.json, checkpoints/, and
+                                                   steps -> ../../steps/variant=<v>/trial=<trial_id>
+    tune/                                          Ray Tune's experiment (state, results, checkpoints)
+    optuna.journal                                 Optuna studies (search.algorithm: optuna)
+
+The trainer writes its log into ``run_dir/steps``; that folder is a
+relative symlink to the trial's partition, so the log is written once,
+directly into the dataset, with the trainer's own atomic chunk writes and
+resume truncation (no copy that could lag behind or duplicate steps).
+Partition folders hold only ``part-*.parquet`` files (temporary files start
+with ``.`` and are ignored by pyarrow), so the dataset is readable at any
+time, also while a study runs.
+
+Multi-node clusters need the study folder on a file system every node
+mounts at the same path (see clusters/README.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    root: Path
+
+    @property
+    def study_json(self) -> Path:
+        return self.root / "study.json"
+
+    @property
+    def trials_table(self) -> Path:
+        return self.root / "trials.parquet"
+
+    @property
+    def steps(self) -> Path:
+        return self.root / "steps"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def tune(self) -> Path:
+        """Tune's experiment folder (storage_path=root, name="tune")."""
+        return self.root / "tune"
+
+    @property
+    def optuna_journal(self) -> Path:
+        return self.root / "optuna.journal"
+
+    def run_dir(self, trial_id: str) -> Path:
+        return self.runs / trial_id
+
+    def partition(self, variant: str, trial_id: str) -> Path:
+        return self.steps / f"variant={variant}" / f"trial={trial_id}"
+
+    def prepare_run_dir(self, variant: str, trial_id: str) -> Path:
+        """The trial's run folder with ``steps`` linked to its partition
+        (idempotent: a restarted trial finds the same folder)."""
+        run_dir = self.run_dir(trial_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        partition = self.partition(variant, trial_id)
+        partition.mkdir(parents=True, exist_ok=True)
+        link = run_dir / "steps"
+        target = os.path.relpath(partition, run_dir)
+        if link.is_symlink():
+            if os.readlink(link) != target:
+                raise RuntimeError(f"{link} points to {os.readlink(link)}, expected {target}")
+        elif link.exists():
+            raise RuntimeError(f"{link} is a real folder; expected a link to the study dataset {partition}")
+        else:
+            tmp = run_dir / f".steps.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(target, target_is_directory=True)
+            os.replace(tmp, link)
+        return run_dir
+
+    def run_dirs(self) -> list[Path]:
+        if not self.runs.is_dir():
+            return []
+        return sorted(p for p in self.runs.iterdir() if p.is_dir() and (p / "config.json").is_file())

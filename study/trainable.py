@@ -1,0 +1,169 @@
+"""The Tune function trainable: one trial = one :func:`trainers.loop.train` run.
+
+A trial's run folder is ``<study>/runs/<trial_id>`` with ``trial_id`` a pure
+function of (variant, lr, seed), so whoever runs the trial — the first
+attempt, Tune's retry after a crash (``FailureConfig(max_failures)``), or a
+resumed study — finds the same folder and the trainer resumes it exactly
+(newest checkpoint, log cut back to it).
+
+Every trainer checkpoint is also reported to Tune (``tune.report`` with a
+``Checkpoint`` holding the ``ckpt-*.pt`` file): a retried trial gets it from
+``tune.get_checkpoint()`` and puts it back into the run folder when the
+folder lacks it (e.g. the folder was lost), before the trainer resumes.
+
+Divergence is a result: the early-stop rules (:mod:`study.early_stop`)
+return ``"diverged"`` from the trainer's ``on_step`` and the trial ends
+normally with that status.
+
+Test-only fault injection: when the driver's environment has
+``EOS_STUDY_KILL_AT_STEP=<step>:<marker file>``, the first trial to reach
+``<step>`` creates the marker and SIGKILLs its own worker process (trials
+that find the marker carry on), to exercise Tune's restart from checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from study.early_stop import DIVERGED, DivergenceMonitor
+from study.layout import StudyLayout, write_json_atomic
+from study.spec import StudySpec, TrialKey
+from study.trials import objective_value, trial_row
+
+FAULT_ENV = "EOS_STUDY_KILL_AT_STEP"
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Kill the worker once, at ``step``, guarded by an atomically created ``marker`` file."""
+    step: int
+    marker: str
+
+    @classmethod
+    def from_env(cls) -> Optional["FaultInjection"]:
+        value = os.environ.get(FAULT_ENV)
+        if not value:
+            return None
+        step, _, marker = value.partition(":")
+        if not marker:
+            raise ValueError(f"{FAULT_ENV}: expected <step>:<marker file>; got {value!r}")
+        return cls(int(step), os.path.abspath(marker))
+
+    def maybe_kill(self, step: int) -> None:
+        if step != self.step:
+            return
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a study shares (sent once to the workers)."""
+    spec: StudySpec
+    root: str                  # the study folder
+    single: bool = False       # a one-trial study: the trainer prints its progress lines
+    fault: Optional[FaultInjection] = None
+
+
+def _ckpt_step(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def restore_checkpoint(checkpoint, run_dir: Path) -> Optional[Path]:
+    """Copy the trainer checkpoint held by a Tune ``checkpoint`` into
+    ``run_dir/checkpoints`` unless the folder already has one as new."""
+    from trainers.loop import checkpoints
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        files = sorted(Path(d).glob("ckpt-*.pt"), key=_ckpt_step)
+        if not files:
+            return None
+        src = files[-1]
+        have = checkpoints(run_dir)
+        if have and _ckpt_step(have[-1]) >= _ckpt_step(src):
+            return None
+        dst = run_dir / "checkpoints" / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return dst
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _finite_or_none(value) -> Optional[float]:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def run_trial(config: dict, plan: TrialPlan) -> None:
+    """Tune entry point: ``config`` holds ``variant``, ``lr`` and ``seed``."""
+    import torch
+    from ray import tune
+
+    from trainers.loop import train
+    from trainers.steplog import read_steps
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per checkpoint
+    spec = plan.spec
+    key = TrialKey(str(config["variant"]), float(config["lr"]), int(config["seed"]))
+    layout = StudyLayout(Path(plan.root))
+    run_dir = layout.prepare_run_dir(key.variant, key.trial_id)
+    cfg = spec.run_config(key.variant, key.lr, key.seed)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    restore_checkpoint(tune.get_checkpoint(), run_dir)
+
+    monitor = DivergenceMonitor(spec.early_stop)
+    seen = {"primed": False, "loss": None, "ratio": None, "fid": None}
+
+    def on_step(row: dict) -> Optional[str]:
+        if not seen["primed"]:  # a resumed run: replay the log before this step
+            history = read_steps(run_dir / "steps")
+            monitor.replay(history[history["step"] < row["step"]].to_dict("records"))
+            seen["primed"] = True
+        seen["loss"] = row.get("loss")
+        for name in ("ratio", "fid"):
+            if row.get(name) is not None:
+                seen[name] = row[name]
+        if plan.fault is not None:
+            plan.fault.maybe_kill(row["step"])
+        return monitor(row)
+
+    def on_checkpoint(path: Path, steps_done: int) -> None:
+        metrics = {
+            "objective": objective_value(spec.study.objective, "running", key.lr, seen["loss"], seen["fid"]),
+            "loss": _finite_or_none(seen["loss"]), "ratio": _finite_or_none(seen["ratio"]),
+            "steps_done": steps_done, "status": "running", "trial": key.trial_id,
+        }
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tune-checkpoint-") as d:
+            _link_or_copy(path, Path(d) / path.name)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    result = train(cfg, run_dir, resume=True, on_step=on_step, on_checkpoint=on_checkpoint,
+                   progress=plan.single)
+    if result.status == DIVERGED and monitor.reason and (result.reason or "").startswith("stopped by callback"):
+        status = json.loads((run_dir / "status.json").read_text())
+        status["reason"] = monitor.reason
+        write_json_atomic(run_dir / "status.json", status)
+    row = trial_row(layout, run_dir, spec.study.objective)
+    tune.report({"objective": row["objective"], "loss": _finite_or_none(row["final_loss"]),
+                 "ratio": row["final_ratio"], "steps_done": row["steps_done"], "status": row["status"],
+                 "trial": key.trial_id})
