@@ -203,6 +203,7 @@ def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_ME
             "n_diverged": int(group["diverged"].sum()),
             "diverged_frac": float(group["diverged"].mean()),
             "n_reached_eos": int(group["reached_eos"].sum()),
+            "n_probed": int((group["measured_steps"] > 0).sum()),   # trials with any λ₁ measurement
         }
         for name in metrics:
             mean, lo, hi, n = mean_band(group[name], confidence)

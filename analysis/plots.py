@@ -39,8 +39,11 @@ class FigurePaths:
     svg: Path
 
 
+MIN_WIDTH = 8.0     # inches: room for the suptitle next to an outside legend
+
+
 def _figure(nrows: int = 1, ncols: int = 1, width: float = 5.0, height: float = 3.8, **kw):
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    fig = Figure(figsize=(max(width * ncols, MIN_WIDTH), height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
@@ -153,7 +156,7 @@ def plot_lambda(curves: pd.DataFrame, optimizers: Sequence[str] = (), title: str
         _hide_unused(axes, len(variants))
         handles = [Line2D([], [], color=palette[lr], label=lr_label(lr)) for lr in lrs]
         handles.append(Line2D([], [], color="0.3", linestyle="--", label=threshold_label(optimizers)))
-        fig.legend(handles=handles, loc="outside right upper", title="learning rate")
+        fig.legend(handles=handles, loc="outside right center", title="learning rate")
         fig.suptitle(title or "Sharpness λ₁ and the stability threshold (mean over seeds, 95% CI)")
     return fig
 
@@ -185,7 +188,7 @@ def plot_ratio(curves: pd.DataFrame, title: str = "") -> Figure:
         handles = [Line2D([], [], color=palette[v], label=v) for v in variants]
         handles.append(Line2D([], [], color="black", linestyle="--", label="threshold (ratio 1)"))
         handles.append(Line2D([], [], color="0.85", linewidth=6, label="±10 %"))
-        fig.legend(handles=handles, loc="outside right upper", title="variant")
+        fig.legend(handles=handles, loc="outside right center", title="variant")
         fig.suptitle(title or "Threshold-normalised sharpness (mean over seeds, 95% CI)")
     return fig
 
@@ -221,7 +224,7 @@ def plot_loss(curves: pd.DataFrame, window: Optional[int] = None, title: str = "
             _log_limits(axes[0, 0], curves["loss_mean"], margin=1.5)
         _hide_unused(axes, len(variants))
         handles = [Line2D([], [], color=palette[lr], label=lr_label(lr)) for lr in lrs]
-        fig.legend(handles=handles, loc="outside right upper", title="learning rate")
+        fig.legend(handles=handles, loc="outside right center", title="learning rate")
         fig.suptitle(title or "Training loss (mean over seeds, 95% CI)")
     return fig
 
@@ -240,6 +243,7 @@ def plot_heatmaps(aggregate: pd.DataFrame, title: str = "") -> Figure:
     trials = _grid(aggregate, "n_trials")
     diverged = _grid(aggregate, "diverged_frac")
     n_div = _grid(aggregate, "n_diverged")
+    probed = _grid(aggregate, "n_probed") if "n_probed" in aggregate else trials
     onset_text = onset.copy().astype(object)
     for v in onset.index:
         for lr in onset.columns:
@@ -268,8 +272,8 @@ def plot_heatmaps(aggregate: pd.DataFrame, title: str = "") -> Figure:
             for j, lr in enumerate(onset.columns):
                 if never.loc[v, lr]:   # heatmap masks NaN cells: hatch and label them here
                     ax.add_patch(_hatch(j, i))
-                    ax.text(j + 0.5, i + 0.5, f"never\n(0/{trials.loc[v, lr]:.0f})", ha="center", va="center",
-                            color="0.25")
+                    label = f"never\n(0/{trials.loc[v, lr]:.0f})" if probed.loc[v, lr] > 0 else "λ₁ not\nprobed"
+                    ax.text(j + 0.5, i + 0.5, label, ha="center", va="center", color="0.25")
         ax.set_title("EoS onset: first step with λ₁/threshold ≥ 1\n(seeds that reached it / seeds)")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("variant")

@@ -132,7 +132,7 @@ def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
             "lr": f"{r['lr']:.0e}",
             "seeds": int(r["n_trials"]),
             "diverged": f"{int(r['n_diverged'])}/{int(r['n_trials'])}",
-            "reached EoS": f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}",
+            "reached EoS": f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}" if r["n_probed"] else "not probed",
             "onset step": _with_band(r, "onset_step", lambda x: f"{x:.0f}"),
             "near threshold": _with_band(r, "frac_near_threshold", _pct),
             "peak ratio": _with_band(r, "peak_ratio"),

@@ -59,3 +59,17 @@ def test_cli_standalone_and_registered(tmp_path, capsys):
     assert "no such study or run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["report"])                       # the study folder is required
+
+
+def test_unprobed_trials_are_not_counted_as_never_reaching_eos(tmp_path):
+    import numpy as np
+
+    from analysis.load import load
+    from analysis.metrics import aggregate_metrics, per_trial_metrics
+    from analysis.report import summary_table
+
+    study = load(write_study(tmp_path / "s", [SyntheticTrial("base", 1e-3, 0, steps=10, onset=5)]))
+    study.steps["ratio"] = np.nan                   # sharpness.every = 0: no λ₁ at all
+    agg = aggregate_metrics(per_trial_metrics(study))
+    assert agg["n_probed"].tolist() == [0] and agg["n_reached_eos"].tolist() == [0]
+    assert summary_table(agg)["reached EoS"].tolist() == ["not probed"]
