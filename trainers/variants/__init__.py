@@ -12,6 +12,12 @@ import importlib
 # name -> "module:Class"; imported lazily so that config validation stays cheap
 VARIANTS: dict[str, str] = {
     "base": "trainers.variants.base:Base",
+    "edm": "trainers.variants.edm:EDM",
+    "vparam": "trainers.variants.vparam:VParam",
+    "snr": "trainers.variants.snr:MinSNR",
+    "pd": "trainers.variants.pd:ProgressiveDifficulty",
+    "adap_s": "trainers.variants.adap_s:AdaptiveSampling",
+    "stf": "trainers.variants.stf:StableTargetField",
 }
 
 
