@@ -117,6 +117,7 @@ class UNet(nn.Module):
     def __init__(self, spec: UNetSpec, image_size: int = 32, in_ch: int = 3):
         super().__init__()
         self.spec = spec
+        self.image_shape = (in_ch, image_size, image_size)  # what samplers generate
         ch, g = spec.ch, spec.groups
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
