@@ -34,6 +34,8 @@ from scipy import stats
 
 from analysis.load import Study
 
+MAX_LEARNING_RATES = 8  # more distinct lrs (an Optuna search) are binned for the variant × lr tables
+
 NEAR_THRESHOLD = 0.10   # |ratio − 1| tolerance of "at the edge of stability"
 CONFIDENCE = 0.95       # confidence level of the bands over seeds
 
@@ -164,6 +166,25 @@ def per_trial_metrics(study: Study) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------
 # over seeds
+
+
+def bin_learning_rates(study: Study, max_lrs: int = MAX_LEARNING_RATES) -> tuple[Study, bool]:
+    """``study`` unchanged when it has at most ``max_lrs`` distinct learning
+    rates (a grid); else a copy whose trials' ``lr`` is the geometric centre
+    of one of ``max_lrs`` equal bins of log₁₀ lr (the exact value moves to
+    ``lr_exact``), so that a search over continuous lrs still gives a
+    readable variant × lr table.  Returns (study, whether it binned)."""
+    lrs = study.trials["lr"].to_numpy(dtype=float)
+    if len(np.unique(lrs)) <= max_lrs:
+        return study, False
+    log = np.log10(lrs)
+    edges = np.linspace(log.min(), log.max(), max_lrs + 1)
+    index = np.clip(np.searchsorted(edges, log, side="right") - 1, 0, max_lrs - 1)
+    centres = 10 ** ((edges[:-1] + edges[1:]) / 2)
+    trials = study.trials.copy()
+    trials["lr_exact"] = trials["lr"]
+    trials["lr"] = centres[index]
+    return Study(study.name, study.path, study.kind, study.steps, trials), True
 
 
 def t_band(mean: np.ndarray, std: np.ndarray, n: np.ndarray,

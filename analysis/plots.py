@@ -59,8 +59,19 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, dpi: int = 1
     return paths
 
 
+def format_lr(lr: float) -> str:
+    """Shortest scientific form with up to 3 significant digits: 1e-3, 5e-4, 3.16e-4."""
+    for digits in (0, 1):
+        text = f"{lr:.{digits}e}"
+        if abs(float(text) - lr) <= 1e-9 * abs(lr):
+            break
+    else:
+        text = f"{lr:.2e}"
+    return text.replace("e-0", "e-").replace("e+0", "e")
+
+
 def lr_label(lr: float) -> str:
-    return f"η = {lr:.0e}".replace("e-0", "e-")
+    return f"η = {format_lr(lr)}"
 
 
 def lambda_label(optimizers: Sequence[str]) -> str:

@@ -55,6 +55,7 @@ class StudyTables:
     per_trial: pd.DataFrame
     aggregate: pd.DataFrame
     curves: pd.DataFrame
+    lr_binned: bool = False    # lrs of a search were binned (see metrics.bin_learning_rates)
 
 
 @dataclass
@@ -68,8 +69,17 @@ class ReportPaths:
 
 
 def study_tables(study: Study) -> StudyTables:
+    study, binned = M.bin_learning_rates(study)
     per_trial = M.per_trial_metrics(study)
-    return StudyTables(per_trial, M.aggregate_metrics(per_trial), M.curves(study))
+    return StudyTables(per_trial, M.aggregate_metrics(per_trial), M.curves(study), binned)
+
+
+def _binning_note(tables: StudyTables) -> Optional[str]:
+    if not tables.lr_binned:
+        return None
+    return (f"This study has more than {M.MAX_LEARNING_RATES} distinct learning rates (a search): the variant × lr "
+            f"tables and figures group them into {M.MAX_LEARNING_RATES} equal bins of log₁₀ lr, labelled by the "
+            "bin's geometric centre. The trials table lists each trial's exact lr.")
 
 
 def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
@@ -129,7 +139,7 @@ def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
     for _, r in aggregate.iterrows():
         row = {
             "variant": r["variant"],
-            "lr": f"{r['lr']:.0e}",
+            "lr": P.format_lr(r["lr"]),
             "seeds": int(r["n_trials"]),
             "diverged": f"{int(r['n_diverged'])}/{int(r['n_trials'])}",
             "reached EoS": f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}" if r["n_probed"] else "not probed",
@@ -152,8 +162,10 @@ def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
             "steps_done": "steps", "onset_step": "onset step", "frac_near_threshold": "near threshold",
             "peak_ratio": "peak ratio", "sharpening_rate": "sharpening rate", "final_loss": "final loss",
             "fid": "FID"}
+    if "lr_exact" in per_trial:
+        per_trial = per_trial.assign(lr=per_trial["lr_exact"])
     table = per_trial[[c for c in cols if c in per_trial]].rename(columns=cols).copy()
-    table["lr"] = table["lr"].map(lambda x: f"{x:.0e}")
+    table["lr"] = table["lr"].map(P.format_lr)
     table["onset step"] = table["onset step"].map(lambda x: "—" if not np.isfinite(x) else f"{x:.0f}")
     table["near threshold"] = table["near threshold"].map(_pct)
     for c in ("peak ratio", "sharpening rate", "final loss", "FID"):
@@ -221,11 +233,12 @@ def render_html(study: Study, tables: StudyTables, figures: dict[str, P.FigurePa
              f"<h1>Edge-of-stability report — {html.escape(study.name)}</h1>",
              f"<p>{html.escape(str(study.path))} · {len(study.trials)} trial(s): "
              f"{html.escape(_status_counts(study.trials))} · variants: {html.escape(', '.join(study.variants))}"
-             f" · learning rates: {html.escape(', '.join(f'{lr:.0e}' for lr in study.lrs))}</p>",
+             f" · learning rates: {html.escape(', '.join(P.format_lr(lr) for lr in study.lrs))}</p>",
              "<h2>Summary (variant × learning rate, mean [95% CI] over seeds)</h2>",
              _html_table(summary_table(tables.aggregate))]
-    if note:
-        parts.append(f"<pre class='note'>{html.escape(note)}</pre>")
+    for text in (_binning_note(tables), note):
+        if text:
+            parts.append(f"<pre class='note'>{html.escape(text)}</pre>")
     parts.append("<h2>Figures</h2>")
     for name, paths in figures.items():
         data = base64.b64encode(paths.png.read_bytes()).decode("ascii")
@@ -247,9 +260,10 @@ def render_markdown(study: Study, tables: StudyTables, figures: dict[str, P.Figu
              f"`{study.path}` · {len(study.trials)} trial(s): {_status_counts(study.trials)}", "",
              "## Summary (variant × learning rate, mean [95% CI] over seeds)", "",
              markdown_table(summary_table(tables.aggregate)), ""]
-    if note:
-        lines += ["> " + line if line else ">" for line in note.splitlines()]
-        lines.append("")
+    for text in (_binning_note(tables), note):
+        if text:
+            lines += ["> " + line if line else ">" for line in text.splitlines()]
+            lines.append("")
     if figures:
         lines += ["## Figures", ""]
         for name, paths in figures.items():

@@ -1,6 +1,8 @@
 """`eos report`: HTML + Markdown from a fixture study and from a run folder."""
 import argparse
 
+import numpy as np
+
 import pandas as pd
 import pytest
 
@@ -17,7 +19,7 @@ def test_report_from_fixture_study(tmp_path, capsys):
     md = paths.markdown.read_text(encoding="utf-8")
     # base at 1e-3: onsets 40, 44, 48 → "44 [34, 54]"; edm at 1e-3: one of two seeds diverged
     assert "44 [34, 54]" in md and "44 [34, 54]" in page
-    assert "| edm | 1e-03 | 2 | 1/2 | 2/2 |" in md
+    assert "| edm | 1e-3 | 2 | 1/2 | 2/2 |" in md
     assert "No FID" not in md                      # vparam measured FID
     summary = pd.read_csv(paths.summary_csv).set_index(["variant", "lr"])
     assert summary.loc[("base", 1e-3), "onset_step_mean"] == 44.0
@@ -42,7 +44,7 @@ def test_report_without_fid_says_why(tmp_path, monkeypatch, capsys):
 def test_report_of_a_single_run(tmp_path):
     run = write_run(tmp_path / "runs" / "one", SyntheticTrial("base", 1e-3, 0, steps=50, onset=25))
     paths = check_report(run, tmp_path / "out")
-    assert "| base | 1e-03 | 1 | 0/1 | 1/1 | 25 |" in paths.markdown.read_text(encoding="utf-8")
+    assert "| base | 1e-3 | 1 | 0/1 | 1/1 | 25 |" in paths.markdown.read_text(encoding="utf-8")
 
 
 def test_cli_standalone_and_registered(tmp_path, capsys):
@@ -62,8 +64,6 @@ def test_cli_standalone_and_registered(tmp_path, capsys):
 
 
 def test_unprobed_trials_are_not_counted_as_never_reaching_eos(tmp_path):
-    import numpy as np
-
     from analysis.load import load
     from analysis.metrics import aggregate_metrics, per_trial_metrics
     from analysis.report import summary_table
@@ -73,3 +73,25 @@ def test_unprobed_trials_are_not_counted_as_never_reaching_eos(tmp_path):
     agg = aggregate_metrics(per_trial_metrics(study))
     assert agg["n_probed"].tolist() == [0] and agg["n_reached_eos"].tolist() == [0]
     assert summary_table(agg)["reached EoS"].tolist() == ["not probed"]
+
+
+def test_search_over_many_learning_rates_is_binned(tmp_path):
+    from analysis.load import load
+    from analysis.metrics import MAX_LEARNING_RATES, bin_learning_rates
+
+    lrs = 10 ** np.linspace(-4, -2, 12)              # 12 distinct lrs, as an Optuna search proposes
+    trials = [SyntheticTrial("base", lr, 0, steps=12, onset=6) for lr in lrs]
+    study = load(write_study(tmp_path / "optuna", trials))
+    binned, did = bin_learning_rates(study)
+    assert did and MAX_LEARNING_RATES == 8
+    by_id = binned.trials.set_index("trial_id")
+    # bins of log10 lr of width 2/8 = 0.25 from -4; labelled by their geometric centre
+    expect = {0: -3.875, 5: -3.125, 11: -2.125}     # log10 lr: -4, -3.09, -2 (the top edge joins the last bin)
+    for k, centre in expect.items():
+        row = by_id.loc[trials[k].trial_id]
+        assert row["lr"] == pytest.approx(10 ** centre) and row["lr_exact"] == pytest.approx(lrs[k])
+    assert bin_learning_rates(load(write_study(tmp_path / "grid", trials[:3])))[1] is False
+    paths = build_report(study.path, tmp_path / "out", quiet=True)
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "equal bins of log₁₀ lr" in md
+    assert len(pd.read_csv(paths.summary_csv)) <= 8 and len(pd.read_csv(paths.per_trial_csv)) == 12
