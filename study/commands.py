@@ -1,6 +1,6 @@
 """``eos study``: sweeps of variants × learning rates × seeds with Ray Tune.
 
-    eos study run SPEC [--name NAME] [--set KEY=VALUE ...] [--address auto] [--dry-run]
+    eos study run SPEC [--name NAME] [--set KEY=VALUE ...] [--address auto] [--resume] [--dry-run]
     eos study resume STUDY_DIR_OR_NAME [--address auto]
 
 SPEC is a YAML file or a preset name (smoke, paper, optuna; study/presets/).
@@ -11,7 +11,6 @@ Results: results/<name>/{study.json, trials.parquet, steps/variant=*/trial=*/}.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 EPILOG = """spec format (see study/spec.py and study/presets/):
@@ -23,12 +22,6 @@ EPILOG = """spec format (see study/spec.py and study/presets/):
   early_stop: loss_blowup, ratio_above, ratio_steps
   model, data, schedule, optim, variant, sharpness, eval, train: the base run config of every trial
 """
-
-
-def _graceful_sigterm() -> None:
-    """SIGTERM (scancel, kubectl delete) -> SIGINT, which Tune turns into a
-    clean stop that saves the experiment for ``eos study resume``."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -45,10 +38,9 @@ def _run(args: argparse.Namespace) -> int:
         return _print_plan(spec)
     from study.runner import run_study, summary
 
-    _graceful_sigterm()
     try:
         outcome = run_study(spec, address=args.address, num_cpus=args.num_cpus, autoscale=args.autoscale,
-                            verbose=args.verbose)
+                            verbose=args.verbose, resume=args.resume)
     except ConfigError as e:
         print(f"eos study run: {e}", file=sys.stderr)
         return 2
@@ -60,7 +52,6 @@ def _resume(args: argparse.Namespace) -> int:
     from study.runner import resume_study, summary
     from trainers.config import ConfigError
 
-    _graceful_sigterm()
     try:
         outcome = resume_study(args.study, address=args.address, num_cpus=args.num_cpus,
                                autoscale=args.autoscale, verbose=args.verbose)
@@ -110,6 +101,8 @@ def register(subparsers) -> None:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set train.steps=200 --set 'search.lr.grid=[1e-3]'")
     run.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
+    run.add_argument("--resume", action="store_true",
+                     help="if the study folder already holds this spec, continue it (for resubmitted batch jobs)")
     _add_cluster_arguments(run)
     run.set_defaults(func=_run)
 

@@ -10,10 +10,13 @@ continues an interrupted study with ``Tuner.restore``.  Both end by writing
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -66,10 +69,6 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bo
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=True)
     return True
-
-
-def on_cluster(address: Optional[str]) -> bool:
-    return bool(address)
 
 
 def check_resources(resources: ResourcesSection, nodes: Sequence[dict], *, cluster: bool,
@@ -184,9 +183,27 @@ def finish(spec: StudySpec, layout: StudyLayout, result_grid=None) -> StudyOutco
     return StudyOutcome(layout, spec, table)
 
 
+@contextlib.contextmanager
+def sigterm_as_sigint():
+    """While Tune runs, SIGTERM (scancel, kubectl delete, a cloud's
+    preemption notice) acts as SIGINT, which Tune turns into a clean stop
+    that saves the experiment for ``eos study resume``.  Installed after
+    ``ray.init``, which sets a SIGTERM handler of its own; only in the main
+    thread (where Python allows signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _fit(tuner, spec: StudySpec, layout: StudyLayout) -> StudyOutcome:
     try:
-        result_grid = tuner.fit()
+        with sigterm_as_sigint():
+            result_grid = tuner.fit()
     except BaseException:
         finish(spec, layout)  # keep the table in step with the run folders, whatever happened
         raise
@@ -204,27 +221,37 @@ def _study_record(spec: StudySpec) -> dict:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _check_new_study(spec: StudySpec, layout: StudyLayout) -> None:
+def _existing_study(spec: StudySpec, layout: StudyLayout, resume: bool) -> bool:
+    """Whether ``layout`` already holds this study (and ``resume`` allows
+    continuing it); a different study there is always an error."""
     if not layout.study_json.is_file():
-        return
+        return False
     stored = json.loads(layout.study_json.read_text()).get("spec")
     if stored != spec.to_dict():
         raise ConfigError(f"study.name: {layout.root} already holds a study {spec.name!r} with a different "
                           "spec; choose another name (--name) or remove the folder")
-    raise ConfigError(f"study.name: {layout.root} already holds this study; continue it with "
-                      f"`eos study resume {layout.root}` (or choose another --name)")
+    if not resume:
+        raise ConfigError(f"study.name: {layout.root} already holds this study; continue it with "
+                          f"`eos study resume {layout.root}` (or choose another --name)")
+    return True
 
 
 def run_study(spec: StudySpec, *, address: Optional[str] = None, num_cpus: Optional[int] = None,
-              autoscale: bool = False, verbose: int = 1) -> StudyOutcome:
-    """Run every trial of ``spec``; returns the outcome with the trials table."""
+              autoscale: bool = False, verbose: int = 1, resume: bool = False) -> StudyOutcome:
+    """Run every trial of ``spec``; returns the outcome with the trials table.
+
+    ``resume``: when the study folder already holds this very spec, continue
+    it (:func:`resume_study`) instead of failing — for batch jobs that are
+    resubmitted until the study is done."""
     import ray
 
     layout = StudyLayout(spec.study_dir)
-    _check_new_study(spec, layout)
+    if _existing_study(spec, layout, resume):
+        return resume_study(layout.root, address=address, num_cpus=num_cpus, autoscale=autoscale,
+                            verbose=verbose)
     started = connect(address, num_cpus)
     try:
-        check_resources(spec.resources, ray.nodes(), cluster=on_cluster(address), autoscale=autoscale)
+        check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
         prepare_data(spec)
         layout.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(layout.study_json, _study_record(spec))
@@ -265,7 +292,7 @@ def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str]
     spec = load_study_spec(layout.root)
     started = connect(address, num_cpus)
     try:
-        check_resources(spec.resources, ray.nodes(), cluster=on_cluster(address), autoscale=autoscale)
+        check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
         prepare_data(spec)
         _quiet_tune()
         if tune.Tuner.can_restore(str(layout.tune)):

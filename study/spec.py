@@ -305,6 +305,9 @@ def _check_run_sections(spec: StudySpec) -> None:
 
 def _validate_trials(spec: StudySpec) -> None:
     """Build the RunConfig of every trial (both ends of an Optuna range)."""
+    from trainers.schedules import NoiseSchedule
+    from trainers.variants import build_variant
+
     if spec.search.algorithm == "grid":
         keys = spec.grid_trials()
     else:
@@ -313,8 +316,7 @@ def _validate_trials(spec: StudySpec) -> None:
     for key in keys:
         try:
             cfg = spec.run_config(key.variant, key.lr, key.seed)
-            from trainers.variants import build_variant  # variant options are checked by the variant
-            from trainers.schedules import NoiseSchedule
+            # a variant checks its own options when it is built
             build_variant(cfg.variant, NoiseSchedule.from_config(cfg.schedule))
         except ConfigError as e:
             raise ConfigError(f"{e} (trial variant={key.variant}, lr={key.lr:g}, seed={key.seed})") from None

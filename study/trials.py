@@ -151,11 +151,12 @@ def status_counts(table: pa.Table) -> dict[str, int]:
 
 
 def best_trials(table: pa.Table, mode: str) -> list[dict]:
-    """The best trial per variant by ``objective`` (ties: first in table order)."""
+    """The best finished (completed or diverged) trial per variant by
+    ``objective`` (ties: first in table order)."""
     best: dict[str, dict] = {}
     for row in table.to_pylist():
         value = row["objective"]
-        if value is None or np.isnan(value):
+        if row["status"] not in ("completed", "diverged") or value is None or np.isnan(value):
             continue
         current = best.get(row["variant"])
         better = current is None or (value < current["objective"] if mode == "min" else value > current["objective"])
