@@ -1,5 +1,7 @@
 """Studies: sweeps of trials (variant × learning rate × seed) with Ray Tune.
 
+The sweep machinery:
+
     spec.py        the study spec (YAML -> typed, validated dataclasses); presets/ holds smoke, paper, optuna
     runner.py      run_study / resume_study: Ray, the Tuner, the trials table
     trainable.py   one trial: trainers.loop.train in a deterministic run folder, checkpoints through Tune

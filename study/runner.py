@@ -161,15 +161,20 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
     )
 
 
+def _error_line(error: BaseException) -> str:
+    """The telling line of a Tune error: the exception line ending a remote
+    traceback, or the first line of e.g. "The actor died unexpectedly"."""
+    lines = [line for line in str(error).splitlines() if line.strip() and not line[0].isspace()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
 def _tune_trials(result_grid) -> list[dict]:
     out = []
     for result in result_grid:
         c = result.config or {}
         if not {"variant", "lr", "seed"} <= set(c):
             continue
-        error = None
-        if result.error is not None:
-            error = (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1][:500]
+        error = None if result.error is None else _error_line(result.error)
         out.append({"trial_id": trial_id(c["variant"], c["lr"], c["seed"]), "variant": c["variant"],
                     "lr": c["lr"], "seed": c["seed"], "error": error})
     return out

@@ -129,6 +129,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     run_dir = layout.prepare_run_dir(key.variant, key.trial_id)
     cfg = spec.run_config(key.variant, key.lr, key.seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    for stale in run_dir.glob(".tune-checkpoint-*"):  # left by a worker killed while reporting
+        shutil.rmtree(stale, ignore_errors=True)
     restore_checkpoint(tune.get_checkpoint(), run_dir)
 
     monitor = DivergenceMonitor(spec.early_stop)

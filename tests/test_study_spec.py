@@ -342,3 +342,74 @@ def test_per_variant_search_state_survives_save_and_restore(tmp_path):
     study = optuna.load_study(study_name=optuna_study_name("opt", "base", 0),
                               storage=journal_storage(tmp_path / "optuna.journal"))
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+
+
+# ---------------------------------------------------------------------------
+# the trials table, from hand-made run folders
+
+
+def make_run(layout, variant, lr, seed, rows, status=None):
+    """A run folder as the trainer leaves it: config.json, status.json, the step log."""
+    from study.spec import trial_id as name
+    from trainers.config import run_config
+    from trainers.steplog import StepLog
+
+    tid = name(variant, lr, seed)
+    run_dir = layout.prepare_run_dir(variant, tid)
+    cfg = run_config({"optim": {"name": "adam", "lr": lr}, "variant": {"name": variant}, "train": {"seed": seed}})
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    log = StepLog(run_dir / "steps")
+    for row in rows:
+        log.append(**row)
+    log.flush()
+    if status is not None:
+        (run_dir / "status.json").write_text(json.dumps(status))
+    return tid
+
+
+def test_trials_table_statuses_and_final_metrics(tmp_path):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from study.layout import StudyLayout
+    from study.trials import UNFINISHED_REASON, collect_trials, write_trials
+
+    layout = StudyLayout(tmp_path / "s")
+    nan = None
+    done = make_run(layout, "base", 1e-3, 0, [
+        {"step": 0, "loss": 1.0, "ratio": nan}, {"step": 1, "loss": 0.8, "ratio": 0.5},
+        {"step": 2, "loss": 0.7, "ratio": 1.5, "fid": 90.0}, {"step": 3, "loss": 0.6, "ratio": nan}],
+        {"status": "completed", "steps_done": 4, "final_loss": 0.6, "reason": None, "wall_time": 3.0})
+    div = make_run(layout, "base", 1.0, 0, [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 150.0}],
+                   {"status": "diverged", "steps_done": 2, "final_loss": 150.0, "reason": "loss blow-up",
+                    "wall_time": 1.0})
+    nan_loss = make_run(layout, "base", 2.0, 0, [{"step": 0, "loss": 1.0}],
+                        {"status": "diverged", "steps_done": 1, "final_loss": "nan", "reason": "nan"})
+    cut = make_run(layout, "base", 1e-4, 0, [{"step": 0, "loss": 1.0, "ratio": 0.2},
+                                             {"step": 1, "loss": 0.9, "ratio": 0.3}],
+                   {"status": "running", "steps_done": 2, "final_loss": 0.9, "reason": None, "wall_time": 2.0})
+    failed = make_run(layout, "base", 3e-4, 0, [{"step": 0, "loss": 1.0}])  # no status.json: crashed early
+    tune_trials = [{"trial_id": failed, "variant": "base", "lr": 3e-4, "seed": 0, "error": "boom"},
+                   {"trial_id": "base_lr5e-05_s0", "variant": "base", "lr": 5e-5, "seed": 0, "error": "no node"}]
+    write_trials(layout, collect_trials(layout, "final_loss", ["base"], tune_trials))
+
+    t = pd.read_parquet(layout.trials_table).set_index("trial_id")
+    assert list(t["lr"]) == sorted(t["lr"])
+    assert t.loc[done, ["status", "steps_done", "final_loss", "final_ratio", "max_ratio", "fid", "objective"]].tolist() \
+        == ["completed", 4, 0.6, 1.5, 1.5, 90.0, 0.6]
+    assert t.loc[div, "status"] == "diverged" and t.loc[div, "objective"] == math.inf
+    assert t.loc[div, "reason"] == "loss blow-up" and math.isnan(t.loc[div, "final_ratio"])
+    assert math.isnan(t.loc[nan_loss, "final_loss"]) and t.loc[nan_loss, "objective"] == math.inf
+    assert t.loc[cut, ["status", "reason", "steps_done", "final_loss", "final_ratio", "max_ratio"]].tolist() \
+        == ["stopped", UNFINISHED_REASON, 2, 0.9, 0.3, 0.3]
+    assert t.loc[failed, ["status", "reason", "steps_done"]].tolist() == ["error", "boom", 1]
+    assert t.loc["base_lr5e-05_s0", ["status", "reason", "steps_done"]].tolist() == ["error", "no node", 0]
+    assert t.loc[done, "run_dir"] == f"runs/{done}" and json.loads(t.loc[done, "config"])["optim"]["lr"] == 1e-3
+    schema = pq.read_schema(layout.trials_table)
+    assert str(schema.field("fid").type) == "double" and str(schema.field("seed").type) == "int64"
+    # the analysis package reads the table and the dataset as one study
+    from analysis.load import load
+
+    study = load(layout.root)
+    assert set(study.trials["status"]) == {"completed", "diverged", "stopped", "error"}
+    assert len(study.steps[study.steps["trial_id"] == done]) == 4
