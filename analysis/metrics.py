@@ -5,13 +5,22 @@ eigenvalue of P⁻¹H for Adam/AdamW and of H otherwise; only steps where the
 probe ran, i.e. ``ratio`` is not null, count):
 
 * **λ₁** = ``ratio × threshold`` (the operator the threshold applies to).
-* **EoS onset**: the first step whose ratio is ≥ 1; none if it never is.
+* **initial transient**: the leading probed steps whose ratio is already
+  ≥ 1, before the first step below 1.  Adam's preconditioner is built from
+  the first few gradients only, so λ₁(P⁻¹H) starts far above 38/η and falls
+  within a few steps; that is not the edge of stability, and the metrics
+  below start after it.  A curve that starts below 1 has no transient.
+* **EoS onset**: the first step with ratio ≥ 1 after the transient, i.e. the
+  first upward crossing of the threshold; none if it never comes (also when
+  the ratio never drops below 1: ``start_above`` is then true).
 * **fraction near threshold**: among measured steps at or after the onset,
   the fraction with |ratio − 1| ≤ 0.1.
-* **peak ratio**: the largest measured ratio.
+* **peak ratio**: the largest measured ratio after the transient (over all
+  probed steps when the ratio never drops below 1).
 * **progressive-sharpening rate**: least-squares slope of λ₁ against the step
-  number over the measured steps before the onset (all measured steps if
-  the onset never comes), in λ units per step; needs two points.
+  number over the measured steps after the transient and before the onset
+  (to the end if the onset never comes), in λ units per step; needs two
+  points (none when the ratio never drops below 1).
 * **diverged**: the trial's status is ``diverged`` or its loss became NaN/inf.
 * **final loss**: the trials table's ``final_loss`` (else the last finite
   logged loss); **FID / IS / KID**: the trials table's value when it has the
@@ -59,10 +68,22 @@ def _measured(step, values) -> tuple[np.ndarray, np.ndarray]:
     return step[keep][order], values[keep][order]
 
 
-def eos_onset(step, ratio) -> Optional[int]:
-    """The first step with ratio ≥ 1, or None."""
+def transient_end(step, ratio) -> Optional[int]:
+    """The first probed step with ratio < 1 (where the analysed curve
+    starts), or None when the ratio never drops below 1."""
     s, r = _measured(step, ratio)
-    hits = np.nonzero(r >= 1.0)[0]
+    below = np.nonzero(r < 1.0)[0]
+    return int(s[below[0]]) if len(below) else None
+
+
+def eos_onset(step, ratio) -> Optional[int]:
+    """The first step with ratio ≥ 1 after the first step with ratio < 1
+    (the first upward crossing of the threshold), or None."""
+    start = transient_end(step, ratio)
+    if start is None:
+        return None
+    s, r = _measured(step, ratio)
+    hits = np.nonzero((r >= 1.0) & (s > start))[0]
     return int(s[hits[0]]) if len(hits) else None
 
 
@@ -79,18 +100,25 @@ def fraction_near_threshold(step, ratio, onset: Optional[int],
     return float(np.mean(np.abs(after - 1.0) <= tolerance))
 
 
-def peak_ratio(ratio) -> float:
-    r = np.asarray(ratio, dtype=float)
-    r = r[np.isfinite(r)]
+def peak_ratio(step, ratio) -> float:
+    """The largest ratio after the initial transient (over every probed
+    step when the ratio never drops below 1)."""
+    s, r = _measured(step, ratio)
+    start = transient_end(step, ratio)
+    if start is not None:
+        r = r[s >= start]
     return float(r.max()) if len(r) else float("nan")
 
 
-def sharpening_rate(step, lam, onset: Optional[int]) -> float:
-    """Least-squares slope dλ/dstep over measured steps before ``onset``."""
+def sharpening_rate(step, lam, onset: Optional[int], start: Optional[int] = None) -> float:
+    """Least-squares slope dλ/dstep over measured steps in [start, onset)."""
     s, v = _measured(step, lam)
+    keep = np.ones(len(s), dtype=bool)
+    if start is not None:
+        keep &= s >= start
     if onset is not None:
-        before = s < onset
-        s, v = s[before], v[before]
+        keep &= s < onset
+    s, v = s[keep], v[keep]
     if len(s) < 2 or np.ptp(s) == 0:
         return float("nan")
     return float(np.polyfit(s, v, 1)[0])
@@ -122,18 +150,25 @@ def trial_metrics(steps: pd.DataFrame) -> dict:
     step, ratio = steps["step"], steps["ratio"]
     lam = ratio.astype(float) * steps["threshold"].astype(float)
     onset = eos_onset(step, ratio)
+    start = transient_end(step, ratio)
+    measured = np.isfinite(ratio.to_numpy(dtype=float))
     loss = steps["loss"].to_numpy(dtype=float)
     last_loss, _ = _last_finite(steps["step"], steps["loss"])
     out = {
         "onset_step": float("nan") if onset is None else onset,
         "reached_eos": onset is not None,
+        "start_above": bool(measured.any() and start is None),
+        "transient_end": float("nan") if start is None else start,
+        # probed steps spent above threshold before the first dip (0: the curve starts below 1)
+        "transient_steps": float("nan") if start is None else int((measured & (step.to_numpy() < start)).sum()),
         "frac_near_threshold": fraction_near_threshold(step, ratio, onset),
-        "peak_ratio": peak_ratio(ratio),
-        "sharpening_rate": sharpening_rate(step, lam, onset),
+        "peak_ratio": peak_ratio(step, ratio),
+        # no steps after a transient that never ends
+        "sharpening_rate": sharpening_rate(step, lam, onset, start) if start is not None else float("nan"),
         "nonfinite_loss": bool(len(loss) and not np.isfinite(loss).all()),
         "last_logged_loss": last_loss,
         "logged_steps": int(len(steps)),
-        "measured_steps": int(np.isfinite(ratio.to_numpy(dtype=float)).sum()),
+        "measured_steps": int(measured.sum()),
     }
     for name in SAMPLE_METRICS:
         value, at = _last_finite(steps["step"], steps[name]) if name in steps else (float("nan"), float("nan"))
@@ -225,6 +260,7 @@ def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_ME
             "diverged_frac": float(group["diverged"].mean()),
             "n_reached_eos": int(group["reached_eos"].sum()),
             "n_probed": int((group["measured_steps"] > 0).sum()),   # trials with any λ₁ measurement
+            "n_start_above": int(group["start_above"].sum()),       # ratio never below 1
         }
         for name in metrics:
             mean, lo, hi, n = mean_band(group[name], confidence)

@@ -21,6 +21,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 MAX_POINTS = 2000   # longer curves are averaged into this many step bins for drawing
 STYLE = "whitegrid"
@@ -160,6 +161,7 @@ def plot_lambda(curves: pd.DataFrame, optimizers: Sequence[str] = (), title: str
                 ax.plot(c["step"], c["threshold_mean"], color=palette[lr], linestyle="--", linewidth=1.2)
             ax.set_title(variant)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(lambda_label(optimizers))
         if log:
             axes[0, 0].set_yscale("log")   # shared y: one call sets every panel
@@ -193,6 +195,7 @@ def plot_ratio(curves: pd.DataFrame, title: str = "") -> Figure:
                       c["ratio_hi"], palette[variant], linewidth=1.3)
             ax.set_title(lr_label(lr))
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("λ₁ / threshold")
         axes[0, 0].set_yscale("log")   # shared y
         _log_limits(axes[0, 0], curves["ratio_mean"], [0.9, 1.1], margin=1.5)
@@ -229,6 +232,7 @@ def plot_loss(curves: pd.DataFrame, window: Optional[int] = None, title: str = "
                 _band(ax, c["step"], c["loss_mean"], lo, c["loss_hi"], palette[lr], linewidth=1.3)
             ax.set_title(variant)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("training loss" + (f" (rolling mean, {window} steps)" if window > 1 else ""))
         if log:
             axes[0, 0].set_yscale("log")   # shared y

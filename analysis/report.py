@@ -39,10 +39,15 @@ FIGURE_CAPTIONS = {
 DEFINITIONS = [
     ("ratio", "λ₁ / threshold, where λ₁ is the top eigenvalue of P⁻¹H for Adam/AdamW and of H otherwise, and "
               "the threshold is 2/η (GD), (2+2β)/η (momentum) or (2+2β₁)/((1−β₁)η) (Adam)."),
-    ("onset", "first step with ratio ≥ 1 (mean over the seeds that reached it; the count is shown)."),
+    ("initial transient", "leading probed steps whose ratio is already ≥ 1 before it first drops below 1 "
+                          "(Adam's preconditioner, built from a few gradients, starts λ₁(P⁻¹H) far above "
+                          "threshold); the metrics below start after it."),
+    ("onset", "first step with ratio ≥ 1 after the transient, i.e. the first upward crossing of the threshold "
+              "(mean over the seeds that reached it; the count is shown)."),
     ("near threshold", f"fraction of probed steps at or after the onset with |ratio − 1| ≤ {M.NEAR_THRESHOLD:.0%}."),
-    ("peak ratio", "largest probed ratio."),
-    ("sharpening rate", "least-squares slope of λ₁ per step over the probed steps before the onset."),
+    ("peak ratio", "largest probed ratio after the transient."),
+    ("sharpening rate", "least-squares slope of λ₁ per step over the probed steps after the transient and before "
+                        "the onset."),
     ("diverged", "trial status `diverged` or a NaN/inf loss."),
     ("final loss", "the trial's final training loss; the mean is over seeds whose final loss is finite."),
     ("bands", f"[low, high] is the {M.CONFIDENCE:.0%} Student-t confidence interval of the mean over seeds "
@@ -142,7 +147,9 @@ def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
             "lr": P.format_lr(r["lr"]),
             "seeds": int(r["n_trials"]),
             "diverged": f"{int(r['n_diverged'])}/{int(r['n_trials'])}",
-            "reached EoS": f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}" if r["n_probed"] else "not probed",
+            "reached EoS": (f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}"
+                            + (f" ({int(r['n_start_above'])} never below 1)" if r["n_start_above"] else "")
+                            if r["n_probed"] else "not probed"),
             "onset step": _with_band(r, "onset_step", lambda x: f"{x:.0f}"),
             "near threshold": _with_band(r, "frac_near_threshold", _pct),
             "peak ratio": _with_band(r, "peak_ratio"),
@@ -159,14 +166,15 @@ def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
 
 def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
     cols = {"trial_id": "trial", "variant": "variant", "lr": "lr", "seed": "seed", "status": "status",
-            "steps_done": "steps", "onset_step": "onset step", "frac_near_threshold": "near threshold",
+            "steps_done": "steps", "transient_steps": "transient steps", "onset_step": "onset step", "frac_near_threshold": "near threshold",
             "peak_ratio": "peak ratio", "sharpening_rate": "sharpening rate", "final_loss": "final loss",
             "fid": "FID"}
     if "lr_exact" in per_trial:
         per_trial = per_trial.assign(lr=per_trial["lr_exact"])
     table = per_trial[[c for c in cols if c in per_trial]].rename(columns=cols).copy()
     table["lr"] = table["lr"].map(P.format_lr)
-    table["onset step"] = table["onset step"].map(lambda x: "—" if not np.isfinite(x) else f"{x:.0f}")
+    for c in ("onset step", "transient steps"):
+        table[c] = table[c].map(lambda x: "—" if not np.isfinite(x) else f"{x:.0f}")
     table["near threshold"] = table["near threshold"].map(_pct)
     for c in ("peak ratio", "sharpening rate", "final loss", "FID"):
         if c in table:

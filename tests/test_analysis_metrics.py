@@ -60,8 +60,36 @@ def test_sharpening_rate_is_slope_before_onset():
 
 
 def test_peak_ratio_ignores_missing():
-    assert peak_ratio([0.2, np.nan, 1.7, 1.1]) == 1.7
-    assert math.isnan(peak_ratio([np.nan, np.nan]))
+    assert peak_ratio([0, 1, 2, 3], [0.2, np.nan, 1.7, 1.1]) == 1.7
+    assert math.isnan(peak_ratio([0, 1], [np.nan, np.nan]))
+
+
+def test_adam_initial_transient_is_not_the_edge_of_stability():
+    """λ₁(P⁻¹H) of Adam starts far above threshold and falls within a few
+    steps (as in the smoke study: 2902, 53, 4.8, 1.3, ...); the onset is the
+    first upward crossing after it, and the metrics ignore it."""
+    step = np.arange(60)
+    ratio = np.empty(60)
+    ratio[:4] = [2900.0, 53.0, 4.8, 1.3]                 # transient: above 1, falling
+    ratio[4:37] = 0.5 + 0.01 * (step[4:37] - 4)         # below 1 from step 4, sharpening 0.01/step
+    ratio[37:] = [1.04, 0.97] * 11 + [1.04]             # EoS from step 37
+    assert ratio[36] < 1 <= ratio[37]
+    threshold = 38 / 1e-3
+    frame = pd.DataFrame({"step": step, "ratio": ratio, "threshold": threshold, "loss": 1.0,
+                          "fid": np.nan, "inception_score": np.nan, "kid": np.nan})
+    m = trial_metrics(frame)
+    assert m["onset_step"] == 37 and m["transient_end"] == 4 and m["transient_steps"] == 4
+    assert not m["start_above"]
+    assert m["peak_ratio"] == pytest.approx(1.04)
+    assert m["sharpening_rate"] == pytest.approx(0.01 * threshold, rel=1e-9)
+    assert m["frac_near_threshold"] == 1.0
+    # still in the transient at the end (or diverging from the start): no onset, peak over everything
+    m = trial_metrics(frame.iloc[:4])
+    assert math.isnan(m["onset_step"]) and m["start_above"] and m["peak_ratio"] == 2900.0
+    assert math.isnan(m["sharpening_rate"])
+    # a curve that starts below 1 has no transient
+    m = trial_metrics(frame.iloc[4:])
+    assert m["transient_steps"] == 0 and m["onset_step"] == 37
 
 
 def test_trial_metrics_use_ratio_times_threshold_as_lambda():
