@@ -90,7 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"[eos] trial {i}/{len(configs)}: {name}", flush=True)
         try:
             results.append(train(cfg, Path(args.out) / name, resume=not args.fresh))
-        except ConfigError as e:
+        except (ConfigError, FileNotFoundError) as e:  # bad config, missing data or Inception weights
             print(f"eos train: {e}", file=sys.stderr)
             return 2
     print(json.dumps([{"trial": r.run_dir.name, "status": r.status, "steps": r.steps_done,

@@ -120,6 +120,7 @@ class Trainer:
             from trainers.sharpness import SharpnessProbe
             self.probe = SharpnessProbe(cfg.sharpness, cfg.optim)
         self.hessian_draw = None
+        self.sample_metrics = None  # analysis.fid.SampleMetrics when eval.every > 0
         self.step = 0
         self.wall_time = 0.0
 
@@ -229,7 +230,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
 
 def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = True,
           on_step: Optional[StepCallback] = None, on_checkpoint: Optional[CheckpointCallback] = None,
-          progress: Optional[bool] = None) -> RunResult:
+          progress: Optional[bool] = None, feature_extractor=None) -> RunResult:
     """Train one run to ``cfg.train.steps`` steps in ``run_dir``.
 
     ``resume``: continue from the newest checkpoint in ``run_dir`` (the
@@ -237,6 +238,7 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
     after every step with the logged row; a non-empty string it returns ends
     the run with that status (e.g. ``"diverged"``).  ``on_checkpoint(path,
     steps_done)`` is called after each checkpoint is written.
+    ``feature_extractor`` replaces Inception for FID/IS/KID (tests, tools).
     """
     cfg = run_config(cfg) if isinstance(cfg, dict) else cfg
     run_dir = Path(run_dir)
@@ -248,6 +250,13 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
     _prepare_run_dir(cfg, run_dir, resume)
 
     trainer = Trainer(cfg)
+    if cfg.eval.every:
+        # Built once, before training: loads the feature extractor and the real
+        # images' features; missing Inception weights fail here, not hours in.
+        from analysis.fid import SampleMetrics
+        trainer.sample_metrics = SampleMetrics(trainer.batches.images, feature_extractor=feature_extractor,
+                                               inception_weights=cfg.eval.inception_weights,
+                                               device=trainer.device, batch_size=cfg.eval.batch_size)
     log = StepLog(run_dir / "steps")
     state = _load_latest(run_dir, trainer.device) if resume else None
     if state is not None:
@@ -388,12 +397,8 @@ def _evaluate_into_log(trainer: Trainer, log: StepLog, row: dict) -> None:
     """FID/IS/KID of EMA samples against the training images, written into
     the log row of the step just taken (still buffered: eval runs before the
     checkpoint that flushes it)."""
-    from analysis.fid import compute_sample_metrics
     from trainers.data import to_uint8
 
-    ev = trainer.cfg.eval
-    fake = to_uint8(generate_samples(trainer, ev.samples))
-    real = trainer.batches.images
-    metrics = compute_sample_metrics(fake, real, inception_weights=ev.inception_weights)
+    metrics = trainer.sample_metrics(to_uint8(generate_samples(trainer, trainer.cfg.eval.samples)))
     log.update_last(**{k: metrics.get(k) for k in ("fid", "inception_score", "kid")})
     row.update({k: metrics.get(k) for k in ("fid", "inception_score", "kid")})
