@@ -1,0 +1,135 @@
+"""Tiny float64 models whose dense Hessian fits in memory, and the dense
+reference computations (``torch.autograd.functional.hessian`` + ``eigh``)
+that the Hessian, LOBPCG and sharpness-probe tests compare against."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from trainers.unet import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
+
+
+class MLP(nn.Module):
+    """3 → 8 → 8 → 2 tanh MLP (122 parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TinyConvNet(nn.Module):
+    """Conv → GroupNorm → SiLU → strided conv → nearest upsampling → conv (1 channel in/out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 3)
+        self.down = nn.Conv2d(3, 3, 3, stride=2, padding=1)
+        self.out = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = F.silu(self.norm(self.conv1(x)))
+        h = F.interpolate(F.silu(self.down(h)), scale_factor=2.0, mode="nearest")
+        return self.out(h)
+
+
+class TinyUNetLike(nn.Module):
+    """The U-Net's own blocks at 2 channels (≈ 500 parameters): timestep
+    embedding, ResBlocks with GroupNorm, self-attention, down/up-sampling and
+    a skip concatenation.  ``model(x, t)`` like :class:`trainers.unet.UNet`."""
+
+    def __init__(self, ch: int = 2, temb_ch: int = 4):
+        super().__init__()
+        self.temb_ch = temb_ch
+        self.temb = nn.Linear(temb_ch, temb_ch)
+        self.conv_in = nn.Conv2d(1, ch, 3, padding=1)
+        self.res1 = ResBlock(ch, ch, temb_ch, 0.0, 1)
+        self.attn = AttnBlock(ch, 1)
+        self.down = Downsample(ch)
+        self.res2 = ResBlock(ch, ch, temb_ch, 0.0, 1)
+        self.up = Upsample(ch)
+        self.res3 = ResBlock(2 * ch, ch, temb_ch, 0.0, 1)
+        self.conv_out = nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        temb = self.temb(timestep_embedding(t, self.temb_ch).to(x.dtype))
+        h0 = self.attn(self.res1(self.conv_in(x), temb))
+        h = self.up(self.res2(self.down(h0), temb))
+        return self.conv_out(self.res3(torch.cat([h, h0], 1), temb))
+
+
+class Quadratic(nn.Module):
+    """L(θ) = ½ θᵀAθ + bᵀθ: the Hessian is A exactly."""
+
+    def __init__(self, A: torch.Tensor, theta0: torch.Tensor, b: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("A", A)
+        self.register_buffer("b", torch.zeros_like(theta0) if b is None else b)
+        self.theta = nn.Parameter(theta0.clone())
+
+    def loss(self) -> torch.Tensor:
+        return 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta
+
+
+def randomize(model: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
+    """Replace every parameter (the U-Net zero-initialises some) by N(0, std²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+def symmetric_with_spectrum(eigenvalues, seed: int = 0) -> torch.Tensor:
+    """Q diag(λ) Qᵀ with a random orthogonal Q (float64)."""
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=torch.float64))
+    A = (Q * lam) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def dense_hessian(model: nn.Module, loss_of_model) -> torch.Tensor:
+    """The (n, n) Hessian of ``loss_of_model()`` (a closure calling ``model``)
+    w.r.t. the model's trainable parameters in ``model.parameters()`` order,
+    by ``torch.autograd.functional.hessian`` of the loss as a function of one
+    flat vector."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    names = [name for name, _ in named]
+    shapes = [p.shape for _, p in named]
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self):
+            return loss_of_model()
+
+    wrapper = Wrapper()
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        parts, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            parts["model." + name] = flat[offset:offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        return functional_call(wrapper, parts, ())
+
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+    H = torch.autograd.functional.hessian(f, theta)
+    return 0.5 * (H + H.T)
+
+
+def dense_gradient(model: nn.Module, loss_of_model) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_of_model(), params)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def top_eigenvalues(H: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.linalg.eigvalsh(H.to(torch.float64)).flip(0)[:k]

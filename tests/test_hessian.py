@@ -1,0 +1,134 @@
+"""Hessian-vector products against dense Hessians of tiny float64 models."""
+import pytest
+import torch
+import torch.nn as nn
+
+from curvature_fixtures import MLP, TinyConvNet, TinyUNetLike, dense_hessian, randomize
+from trainers.hessian import (METHODS, HessianOperator, flatten, gradient, hessian_vector_product,
+                              hessian_vector_products, trainable_parameters, unflatten)
+
+
+def _mlp_problem():
+    torch.manual_seed(0)
+    model = randomize(MLP().double(), std=0.5)
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    return model, lambda: ((model(x) - y) ** 2).mean()
+
+
+def _conv_problem():
+    torch.manual_seed(1)
+    model = randomize(TinyConvNet().double(), std=0.5, seed=1)
+    x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    return model, lambda: ((model(x) - y) ** 2).mean()
+
+
+@pytest.fixture(scope="module")
+def unet_problem():
+    torch.manual_seed(2)
+    model = randomize(TinyUNetLike().double(), std=0.3, seed=2).eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([10.0, 300.0, 900.0], dtype=torch.float64)
+    eps = torch.randn_like(x)
+    loss = lambda: ((model(x, t) - eps) ** 2).mean()  # noqa: E731
+    return model, loss, dense_hessian(model, loss)
+
+
+def test_flatten_unflatten_roundtrip():
+    ts = [torch.randn(2, 3), torch.randn(4), torch.randn(1, 1, 2)]
+    flat = flatten(ts)
+    assert flat.shape == (12,)
+    for a, b in zip(unflatten(flat, ts), ts):
+        assert torch.equal(a, b)
+    block = torch.stack([flat, 2 * flat], dim=1)
+    parts = unflatten(block, ts)
+    assert [p.shape for p in parts] == [(2, 2, 3), (2, 4), (2, 1, 1, 2)]
+    assert torch.equal(parts[0][1], 2 * ts[0])
+    with pytest.raises(ValueError, match="entries"):
+        unflatten(torch.zeros(5), ts)
+
+
+@pytest.mark.parametrize("problem", [_mlp_problem, _conv_problem])
+@pytest.mark.parametrize("method", METHODS)
+def test_products_match_dense_hessian(problem, method):
+    model, loss = problem()
+    H = dense_hessian(model, loss)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    HV = hessian_vector_products(loss, trainable_parameters(model), V, method=method, model=model)
+    torch.testing.assert_close(HV, H @ V, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unet_blocks_products_match_dense_hessian(unet_problem, method):
+    """GroupNorm, SiLU, attention, strided conv, nearest upsampling, concat."""
+    model, loss, H = unet_problem
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with HessianOperator(loss, trainable_parameters(model), method=method, model=model) as op:
+        HV = op(V)
+        Hv = op(V[:, 0])
+        assert op.products == 3
+    torch.testing.assert_close(HV, H @ V, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(Hv, H @ V[:, 0], rtol=1e-9, atol=1e-12)
+
+
+def test_one_shot_product_list_form_and_no_grad_side_effects():
+    model, loss = _mlp_problem()
+    params = trainable_parameters(model)
+    H = dense_hessian(model, loss)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    before = [p.detach().clone() for p in params]
+    hv = hessian_vector_product(loss, params, unflatten(v, params))
+    assert isinstance(hv, list) and [h.shape for h in hv] == [p.shape for p in params]
+    torch.testing.assert_close(flatten(hv), H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hessian_vector_product(loss, params, v), H @ v, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_unused_and_linear_parameters_have_zero_rows():
+    """A parameter the loss ignores, and one it depends on linearly (whose
+    gradient has no graph), give zero Hessian rows instead of an error."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+            self.b = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))      # linear
+            self.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    m = M()
+    loss = lambda: (m.w ** 3).sum() + 2 * m.b  # noqa: E731   H = diag(6w), 0, 0
+    v = torch.arange(1.0, 7.0, dtype=torch.float64)
+    for method in METHODS:
+        hv = hessian_vector_products(loss, list(m.parameters()), v[:, None], method=method, model=m)[:, 0]
+        torch.testing.assert_close(hv, torch.tensor([6.0, 24.0, 0, 0, 0, 0], dtype=torch.float64))
+    g = gradient(loss, list(m.parameters()))
+    torch.testing.assert_close(flatten(g), torch.tensor([3.0, 12.0, 2.0, 0, 0, 0], dtype=torch.float64))
+
+
+def test_operator_gradient_and_input_checks():
+    model, loss = _mlp_problem()
+    params = trainable_parameters(model)
+    op = HessianOperator(loss, params)
+    g = flatten(op.gradient())
+    torch.testing.assert_close(g, flatten(torch.autograd.grad(loss(), params)))
+    with pytest.raises(ValueError, match="expected a vector"):
+        op(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="method"):
+        HessianOperator(loss, params, method="finite_differences")
+    with pytest.raises(ValueError, match="model"):
+        HessianOperator(loss, params, method="forward_over_reverse")
+    op.close()
+
+
+def test_graph_reuse_sees_the_parameters_of_its_construction():
+    """The double-backward operator builds the gradient graph once; products
+    stay those of the Hessian at that point (it must be rebuilt after an update)."""
+    model, loss = _mlp_problem()
+    params = trainable_parameters(model)
+    H0 = dense_hessian(model, loss)
+    v = torch.randn(H0.shape[0], dtype=torch.float64)
+    with HessianOperator(loss, params) as op:
+        first = op(v)
+        second = op(v)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, H0 @ v, rtol=1e-10, atol=1e-12)

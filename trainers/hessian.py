@@ -1,0 +1,289 @@
+"""Hessian-vector products of a scalar loss with respect to a list of parameters.
+
+Everything works on *flat* vectors: a parameter list ``[p₁, …, p_m]`` is
+identified with one vector of length n = Σ numel(pᵢ) (:func:`flatten`,
+:func:`unflatten`), and a block of k vectors is an (n, k) matrix.
+
+Two ways to multiply by the Hessian H = ∇²L(θ):
+
+* **double backward** (reverse-over-reverse, Pearlmutter 1994): build the
+  gradient g(θ) with ``create_graph=True``, then Hv = ∇(gᵀv).  The graph of g
+  does not depend on v, so :class:`HessianOperator` builds it *once* and runs
+  only the second backward pass for every vector (``retain_graph=True``).
+* **forward over reverse**: ``torch.func.jvp(torch.func.grad(f), θ, v)``,
+  one forward-mode pass through the gradient computation per vector, or one
+  ``vmap``-batched pass for a block of vectors.
+
+Which one is faster depends on the device (see ``bench/RESULTS.md``);
+``double_backward`` is the default because it is exact, works with every op
+that has a double-backward formula and amortises the forward pass.
+
+The loss is a zero-argument closure (``loss_fn() -> scalar``) computed from
+the model's *current* parameters, so the same closure serves every method:
+forward over reverse swaps the parameters for functional ones through
+``torch.func.functional_call`` on a small wrapper module.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+LossFn = Callable[[], torch.Tensor]
+
+METHODS = ("double_backward", "double_backward_batched", "forward_over_reverse", "forward_over_reverse_vmap")
+
+
+# ---------------------------------------------------------------------------
+# flat vectors
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the Hessian is taken with respect to (``requires_grad``)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def num_elements(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat vector (a copy)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat vector (n,) or a block (n, k) into tensors shaped like
+    ``like`` (views; a block gives shapes ``(k, *p.shape)``)."""
+    n = num_elements(like)
+    if vec.shape[0] != n:
+        raise ValueError(f"vector has {vec.shape[0]} entries, the parameters have {n}")
+    out, offset = [], 0
+    for p in like:
+        chunk = vec[offset:offset + p.numel()]
+        out.append(chunk.reshape(p.shape) if vec.dim() == 1 else chunk.T.reshape(vec.shape[1], *p.shape))
+        offset += p.numel()
+    return out
+
+
+def _flat_block(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`unflatten` for a block: tensors (k, *shape) -> (n, k)."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1).T
+
+
+def _zeros_for_none(grads, params) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+# ---------------------------------------------------------------------------
+# one-shot products
+
+
+def gradient(loss_fn: LossFn, params: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
+    """∇L as a list shaped like ``params`` (zeros where L does not depend on a
+    parameter).  Never touches ``p.grad``."""
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    return _zeros_for_none(grads, params)
+
+
+def hessian_vector_product(loss_fn: LossFn, params: Sequence[torch.Tensor], v) -> list[torch.Tensor]:
+    """Hv by double backward, from scratch (one forward, one backward with
+    graph, one second backward).  ``v`` is a list shaped like ``params`` or a
+    flat vector; the result has the same form."""
+    params = list(params)
+    flat = isinstance(v, torch.Tensor)
+    with HessianOperator(loss_fn, params, method="double_backward") as H:
+        hv = H(v if flat else flatten(v))
+    return hv if flat else unflatten(hv, params)
+
+
+def hessian_vector_products(loss_fn: LossFn, params: Sequence[torch.Tensor], V: torch.Tensor,
+                            method: str = "double_backward", model: Optional[nn.Module] = None) -> torch.Tensor:
+    """HV for a block V (n, k) of flat vectors, by ``method`` (see :data:`METHODS`;
+    the forward-over-reverse methods need the ``model`` the parameters belong to)."""
+    with HessianOperator(loss_fn, list(params), method=method, model=model) as H:
+        return H(V)
+
+
+# ---------------------------------------------------------------------------
+# the operator
+
+
+class _LossModule(nn.Module):
+    """Wraps ``model`` and a closure over it so that ``functional_call`` can
+    substitute functional parameters for the closure's forward pass."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self) -> torch.Tensor:
+        return self._loss_fn()
+
+
+class HessianOperator:
+    """The Hessian of ``loss_fn`` w.r.t. ``params`` as a linear operator on flat
+    vectors: ``H(v)`` for v of shape (n,) or ``H(V)`` for a block (n, k).
+
+    ``products`` counts vector products (a block of k counts k).  With the
+    double-backward methods the gradient graph is built on first use and kept
+    until :meth:`close` (or the end of a ``with`` block); the parameters must
+    not change in between.  ``method``:
+
+    * ``double_backward``: one second backward pass per vector;
+    * ``double_backward_batched``: one vmapped second backward pass per block
+      (``is_grads_batched``);
+    * ``forward_over_reverse``: ``jvp(grad(L))`` per vector (needs ``model``);
+    * ``forward_over_reverse_vmap``: ``vmap(jvp(grad(L)))`` per block (needs ``model``).
+    """
+
+    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, method: str = "double_backward",
+                 model: Optional[nn.Module] = None):
+        if method not in METHODS:
+            raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
+        self.loss_fn = loss_fn
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("params: no parameters to differentiate")
+        self.method = method
+        self.n = num_elements(self.params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.products = 0
+        self._grads: Optional[list[torch.Tensor]] = None
+        self._loss: Optional[torch.Tensor] = None
+        if method.startswith("forward_over_reverse"):
+            if model is None:
+                raise ValueError(f"model: method {method!r} needs the model the parameters belong to")
+            self._setup_functional(model)
+
+    # --- double backward ---------------------------------------------------
+    def _build_graph(self) -> None:
+        loss = self.loss_fn()
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)}")
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self._loss = loss.detach()
+        self._grads = _zeros_for_none(grads, self.params)
+        # Gradient entries that do not depend on the parameters (linear in θ, or
+        # unused) have no graph: their rows of H are zero.
+        self._live = [i for i, g in enumerate(self._grads) if g.requires_grad]
+
+    def _double_backward(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        if self._grads is None:
+            self._build_graph()
+        live = self._live
+        out = torch.zeros_like(V)
+        if not live:
+            return out
+        live_params = [self.params[i] for i in live]
+        live_grads = [self._grads[i] for i in live]
+        parts = unflatten(V, self.params)
+        if batched:
+            hv = torch.autograd.grad(live_grads, live_params, [parts[i] for i in live], retain_graph=True,
+                                     allow_unused=True, is_grads_batched=True)
+            hv = _zeros_for_none(hv, [torch.empty((V.shape[1], *p.shape), device=p.device, dtype=p.dtype)
+                                      for p in live_params])
+            full = [torch.zeros((V.shape[1], *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
+            for i, h in zip(live, hv):
+                full[i] = h
+            return _flat_block(full)
+        for j in range(V.shape[1]):
+            hv = torch.autograd.grad(live_grads, live_params, [parts[i][j] for i in live], retain_graph=True,
+                                     allow_unused=True)
+            hv = _zeros_for_none(hv, live_params)
+            full = [torch.zeros_like(p) for p in self.params]
+            for i, h in zip(live, hv):
+                full[i] = h
+            out[:, j] = flatten(full)
+        return out
+
+    # --- forward over reverse --------------------------------------------
+    def _setup_functional(self, model: nn.Module) -> None:
+        ids = {id(p): i for i, p in enumerate(self.params)}
+        names = [None] * len(self.params)
+        for name, p in model.named_parameters():
+            if id(p) in ids:
+                names[ids[id(p)]] = "model." + name
+        missing = [i for i, nm in enumerate(names) if nm is None]
+        if missing:
+            raise ValueError(f"params: {len(missing)} parameters are not parameters of the model")
+        self._names = names
+        self._wrapper = _LossModule(model, self.loss_fn)
+
+    def _grad_fn(self):
+        from torch.func import functional_call, grad
+
+        names, wrapper = self._names, self._wrapper
+
+        def loss_of(*ps):
+            return functional_call(wrapper, dict(zip(names, ps)), ())
+        return grad(loss_of, argnums=tuple(range(len(names))))
+
+    def _forward_over_reverse(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        from torch.func import jvp, vmap
+
+        primals = tuple(p.detach() for p in self.params)
+        grad_fn = self._grad_fn()
+
+        def hvp(*tangents):
+            return jvp(grad_fn, primals, tangents)[1]
+
+        parts = unflatten(V, self.params)
+        if batched:
+            return _flat_block(vmap(hvp)(*parts))
+        out = torch.empty_like(V)
+        for j in range(V.shape[1]):
+            out[:, j] = flatten(hvp(*(t[j] for t in parts)))
+        return out
+
+    # --- interface -----------------------------------------------------------
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        single = V.dim() == 1
+        if single:
+            V = V[:, None]
+        if V.dim() != 2 or V.shape[0] != self.n:
+            raise ValueError(f"expected a vector ({self.n},) or a block ({self.n}, k); got {tuple(V.shape)}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        if V.shape[1] == 0:
+            return V.clone()
+        if self.method == "double_backward":
+            out = self._double_backward(V, batched=False)
+        elif self.method == "double_backward_batched":
+            out = self._double_backward(V, batched=True)
+        elif self.method == "forward_over_reverse":
+            out = self._forward_over_reverse(V, batched=False)
+        else:
+            out = self._forward_over_reverse(V, batched=True)
+        self.products += V.shape[1]
+        return out[:, 0] if single else out
+
+    def gradient(self) -> list[torch.Tensor]:
+        """∇L at the operator's point (detached), from the same graph the
+        double-backward products use."""
+        if self.method.startswith("double_backward"):
+            if self._grads is None:
+                self._build_graph()
+            return [g.detach() for g in self._grads]
+        return [g.detach() for g in gradient(self.loss_fn, self.params)]
+
+    def loss(self) -> torch.Tensor:
+        """The (detached) loss value at which the operator is taken."""
+        if self._loss is None:
+            with torch.no_grad():
+                self._loss = self.loss_fn().detach()
+        return self._loss
+
+    def close(self) -> None:
+        """Free the gradient graph."""
+        self._grads = None
+        self._live = []
+
+    def __enter__(self) -> "HessianOperator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
