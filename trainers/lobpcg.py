@@ -1,0 +1,272 @@
+"""Block LOBPCG for the largest eigenvalues of a symmetric operator.
+
+Knyazev's locally optimal block preconditioned conjugate gradient method
+(Knyazev 2001), without a preconditioner, in the robust form of Duersch,
+Shao, Yang & Gu (2018, "A robust and efficient implementation of LOBPCG"):
+
+* each iteration does Rayleigh–Ritz on the basis S = [X, P, W] of the current
+  Ritz vectors X (n×k), the previous search directions P and the residuals
+  W = AX − XΘ of the columns that have not converged, and keeps the top k;
+* S is kept orthonormal: P and W are orthogonalised against what precedes
+  them by block Gram–Schmidt *twice* and orthonormalised by SVQB (Stathopoulos
+  & Wu 2002), which drops directions that have become linearly dependent
+  instead of dividing by their tiny norms — the failure of the naive
+  Rayleigh–Ritz basis, whose Gram matrix turns singular near convergence;
+* AP is updated from AX, AW by the same linear combinations (A is linear), so
+  an iteration costs exactly one operator application per active column;
+* the small projected problems (Gram matrices, eigen-decompositions, the
+  combination coefficients) are float64, whatever the vectors' dtype, and
+  never go through TF32 matrix products;
+* a column has converged when its relative residual ‖Ax − θx‖ / |θ| ≤ tol;
+  the solver stops when the ``nwanted`` top columns have converged — never on
+  the change of θ, which stalls on near-degenerate spectra long before the
+  top eigenpair is found.
+
+The extra ``k − nwanted`` columns are guard vectors: they make the
+convergence rate depend on the gap to λ_{k+1} instead of λ_{nwanted+1}, and
+keep two nearly equal top eigenvalues apart.
+
+A warm start passes the previous solve's vectors as ``X0``; an (n, k) block
+with fewer columns (or rank-deficient columns) is completed with random ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+_CHUNK_ROWS = 1 << 22  # rows per float64 chunk in Gram products (bounds temporary memory)
+
+
+@dataclass
+class LOBPCGResult:
+    """Top-k eigenpairs of a symmetric operator, eigenvalues descending.
+
+    ``eigenvalues``/``residuals``: float64 CPU tensors (k,), residuals relative
+    (‖Ax − θx‖ / |θ|); ``vectors``: (n, k) orthonormal, in the dtype and on the
+    device of the operator's vectors; ``products``: operator applications
+    counted per vector; ``converged``: the ``nwanted`` top columns reached tol.
+    """
+    eigenvalues: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    iterations: int
+    products: int
+    converged: bool
+
+
+# ---------------------------------------------------------------------------
+# float64 dense helpers
+
+
+def gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """AᵀB in float64 on A's device (chunked over rows, never TF32)."""
+    out = torch.zeros(A.shape[1], B.shape[1], dtype=torch.float64, device=A.device)
+    for i in range(0, A.shape[0], _CHUNK_ROWS):
+        out += A[i:i + _CHUNK_ROWS].to(torch.float64).T @ B[i:i + _CHUNK_ROWS].to(torch.float64)
+    return out
+
+
+def combine(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """A @ C with float64 arithmetic, returned in A's dtype (A: n×m, C: m×k)."""
+    C = C.to(device=A.device, dtype=torch.float64)
+    out = torch.empty(A.shape[0], C.shape[1], dtype=A.dtype, device=A.device)
+    for i in range(0, A.shape[0], _CHUNK_ROWS):
+        out[i:i + _CHUNK_ROWS] = (A[i:i + _CHUNK_ROWS].to(torch.float64) @ C).to(A.dtype)
+    return out
+
+
+def _drop_tol(dtype: torch.dtype) -> float:
+    # Directions whose norm falls below this fraction after orthogonalisation
+    # are numerically dependent: their normalised images would be rounding noise.
+    return 100.0 * torch.finfo(dtype).eps
+
+
+def svqb(U: torch.Tensor, AU: Optional[torch.Tensor] = None, drop: Optional[float] = None):
+    """Orthonormalise the columns of U (and apply the same map to AU) by
+    SVQB: U ← U D V Θ^{-1/2}, with D = diag(UᵀU)^{-1/2} and V Θ Vᵀ the
+    eigendecomposition of D UᵀU D; directions with θ < drop·max θ are dropped.
+    Applied twice (the second pass fixes the rounding of the first)."""
+    drop = _drop_tol(U.dtype) if drop is None else drop
+    for _ in range(2):
+        if U.shape[1] == 0:
+            break
+        M = gram(U, U)
+        d = M.diagonal().clamp_min(0).sqrt()
+        ok = d > 0
+        if not bool(ok.all()):
+            U, M, d = U[:, ok.to(U.device)], M[ok][:, ok], d[ok]
+            AU = None if AU is None else AU[:, ok.to(AU.device)]
+            if U.shape[1] == 0:
+                break
+        Dinv = 1.0 / d
+        theta, V = torch.linalg.eigh(Dinv[:, None] * M * Dinv[None, :])
+        keep = theta > drop * theta.max().clamp_min(0)
+        T = (Dinv[:, None] * V[:, keep]) / theta[keep].sqrt()[None, :]
+        U = combine(U, T)
+        AU = None if AU is None else combine(AU, T)
+    return U, AU
+
+
+def orthonormalize_against(Q: Optional[torch.Tensor], U: torch.Tensor, AQ=None, AU=None, drop=None):
+    """Orthogonalise U against the orthonormal columns of Q (twice, block
+    classical Gram–Schmidt), then orthonormalise it with :func:`svqb`.  The
+    same linear map is applied to AU given AQ (no operator applications)."""
+    if U.shape[1] == 0:
+        return U, AU
+    # unit columns first, so that "dropped" means "dependent", whatever the scale
+    norms = gram(U, U).diagonal().sqrt()
+    nonzero = norms > 0
+    U, norms = U[:, nonzero.to(U.device)], norms[nonzero]
+    AU = None if AU is None else AU[:, nonzero.to(AU.device)]
+    if U.shape[1] == 0:
+        return U, AU
+    scale = torch.diag(1.0 / norms)
+    U = combine(U, scale)
+    AU = None if AU is None else combine(AU, scale)
+    if Q is not None and Q.shape[1] > 0:
+        for _ in range(2):
+            C = gram(Q, U)
+            U = U - combine(Q, C)
+            if AU is not None:
+                AU = AU - combine(AQ, C)
+        # a unit column left with norm < drop lay in span(Q): what remains is rounding
+        left = gram(U, U).diagonal().clamp_min(0).sqrt() > (_drop_tol(U.dtype) if drop is None else drop)
+        U = U[:, left.to(U.device)]
+        AU = None if AU is None else AU[:, left.to(AU.device)]
+    return svqb(U, AU, drop)
+
+
+def _top_ritz(G: torch.Tensor, M: torch.Tensor, k: int, drop: float):
+    """The k largest eigenpairs of the pencil (G, M), M ≈ I positive
+    semi-definite; returns (θ descending, C) with CᵀMC = I."""
+    G = 0.5 * (G + G.T)
+    M = 0.5 * (M + M.T)
+    mu, V = torch.linalg.eigh(M)
+    keep = mu > drop * mu.max()
+    T = V[:, keep] / mu[keep].sqrt()[None, :]
+    theta, Y = torch.linalg.eigh(T.T @ G @ T)
+    order = torch.argsort(theta, descending=True)[:k]
+    return theta[order], T @ Y[:, order]
+
+
+def _search_directions(C: torch.Tensor, M: torch.Tensor, k: int) -> torch.Tensor:
+    """Coefficients (in the basis S = [X, P, W]) of the next search directions:
+    the non-X part of the new Ritz vectors, [0; C_PW], M-orthogonalised against
+    C and M-orthonormalised *in the small space* (Hetmaniuk & Lehoucq 2006,
+    Duersch et al. 2018).  P = S·Cp then has unit columns orthogonal to the new
+    X without any cancellation among long vectors, and AP = AS·Cp is as
+    accurate as AS."""
+    Cp = C.clone()
+    Cp[:k] = 0
+    for _ in range(2):
+        Cp = Cp - C @ (C.T @ M @ Cp)
+    N = Cp.T @ M @ Cp
+    N = 0.5 * (N + N.T)
+    mu, V = torch.linalg.eigh(N)
+    keep = mu > 1e-24 * max(float(mu.max()), 1e-300)   # exact zeros only: the directions are exact in span(S)
+    Cp = Cp @ (V[:, keep] / mu[keep].sqrt()[None, :])
+    for _ in range(2):  # re-orthogonalise against C after the rescaling
+        Cp = Cp - C @ (C.T @ M @ Cp)
+    return Cp
+
+
+# ---------------------------------------------------------------------------
+# the solver
+
+
+def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional[int] = None, k: int = 2,
+           nwanted: int = 1, tol: float = 1e-3, max_iters: int = 100, generator: Optional[torch.Generator] = None,
+           dtype: Optional[torch.dtype] = None, device=None,
+           callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None) -> LOBPCGResult:
+    """Top-``k`` eigenpairs (largest algebraic) of the symmetric ``operator``
+    (X (n×m) ↦ AX (n×m)).
+
+    ``X0``: start block (n×j); missing or dependent columns are filled with
+    Gaussian ones from ``generator``.  Without X0, ``n``, ``dtype``, ``device``
+    say what vectors to make.  Stops when the ``nwanted`` top columns have
+    relative residual ≤ ``tol`` or after ``max_iters`` iterations.
+    ``callback(iteration, products, θ, relative residuals)`` is called after
+    every Rayleigh–Ritz step (θ and residuals float64 CPU).
+    """
+    if k < 1:
+        raise ValueError(f"k: must be >= 1; got {k}")
+    if not 1 <= nwanted <= k:
+        raise ValueError(f"nwanted: must be in [1, k={k}]; got {nwanted}")
+    if not tol > 0:
+        raise ValueError(f"tol: must be > 0; got {tol}")
+    if X0 is not None:
+        if X0.dim() == 1:
+            X0 = X0[:, None]
+        n = X0.shape[0] if n is None else n
+        dtype = X0.dtype if dtype is None else dtype
+        device = X0.device if device is None else device
+    if n is None or dtype is None:
+        raise ValueError("lobpcg needs X0 or n and dtype")
+    if k > n:
+        raise ValueError(f"k: must be <= n={n}; got {k}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    drop = _drop_tol(dtype)
+
+    def random_block(m: int) -> torch.Tensor:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        R = torch.randn(n, m, generator=generator, dtype=dtype, device=gen_device)
+        return R.to(device)
+
+    products = 0
+
+    def apply(V: torch.Tensor) -> torch.Tensor:
+        nonlocal products
+        if V.shape[1] == 0:
+            return V.clone()
+        AV = operator(V)
+        if AV.shape != V.shape:
+            raise ValueError(f"operator returned shape {tuple(AV.shape)} for input {tuple(V.shape)}")
+        products += V.shape[1]
+        return AV
+
+    # --- start block: orthonormal, full rank -------------------------------
+    X = torch.empty(n, 0, dtype=dtype, device=device)
+    if X0 is not None and X0.shape[1] > 0:
+        X, _ = orthonormalize_against(None, X0[:, :k].to(device=device, dtype=dtype), drop=drop)
+    for _ in range(10):
+        if X.shape[1] >= k:
+            break
+        extra, _ = orthonormalize_against(X, random_block(k - X.shape[1]), drop=drop)
+        X = torch.cat([X, extra], dim=1)
+    if X.shape[1] < k:
+        raise RuntimeError("could not build a full-rank start block")
+    AX = apply(X)
+    theta, C = _top_ritz(gram(X, AX), gram(X, X), k, drop)
+    X, AX = combine(X, C), combine(AX, C)
+    P = AP = None
+
+    iterations = 0
+    while True:
+        R = AX - combine(X, torch.diag(theta))
+        rnorm = gram(R, R).diagonal().clamp_min(0).sqrt().cpu()
+        theta_cpu = theta.cpu()
+        rel = rnorm / theta_cpu.abs().clamp_min(torch.finfo(torch.float64).tiny)
+        if callback is not None:
+            callback(iterations, products, theta_cpu.clone(), rel.clone())
+        done = bool((rel[:nwanted] <= tol).all())
+        if done or iterations >= max_iters:
+            break
+        # basis S = [X, P, W]: X and P orthonormal by construction, W (the
+        # residuals of the unconverged columns) orthonormalised against them
+        Q, AQ = (X, AX) if P is None else (torch.cat([X, P], 1), torch.cat([AX, AP], 1))
+        W, _ = orthonormalize_against(Q, R[:, (rel > tol).to(device)], drop=drop)
+        AW = apply(W)
+        S, AS = torch.cat([Q, W], 1), torch.cat([AQ, AW], 1)
+        M = gram(S, S)
+        theta, C = _top_ritz(gram(S, AS), M, k, drop)
+        Cp = _search_directions(C, M, k)
+        X, AX = combine(S, C), combine(AS, C)
+        P, AP = (combine(S, Cp), combine(AS, Cp)) if Cp.shape[1] else (None, None)
+        iterations += 1
+
+    return LOBPCGResult(eigenvalues=theta.cpu(), vectors=X, residuals=rel, iterations=iterations,
+                        products=products, converged=done)
