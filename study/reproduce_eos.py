@@ -31,7 +31,7 @@ def base_config(args) -> dict:
     return {
         "model": {"preset": args.preset, "dropout": 0.0},
         "data": {**data, "image_size": args.image_size, "batch_size": args.batch, "batching": "fixed", "flip": False},
-        "sharpness": {"every": args.every, "hessian_batch": args.batch, "block_size": 3, "topk": 2,
+        "sharpness": {"every": args.every, "hessian_batch": args.batch, "block_size": args.block, "topk": 1,
                       "tol": 1e-3, "max_iters": 60},
         "train": {"steps": args.steps, "fixed_noise": True, "checkpoint_every": 10_000, "print_every": 50,
                   "seed": 0, "device": args.device},
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--every", type=int, default=5, help="probe λ₁ every N steps")
+    p.add_argument("--block", type=int, default=2, help="LOBPCG block size")
     p.add_argument("--minutes", type=float, default=6.0, help="wall-time limit per run")
     p.add_argument("--gd-multiples", type=float, nargs="+", default=[2.0, 4.0],
                    help="GD runs at 2/η = multiple × λ₀")

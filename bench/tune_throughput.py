@@ -1,0 +1,90 @@
+"""Aggregate trial-steps per second of a Ray Tune sweep with 1, 2 and 4 trials per GPU.
+
+    python bench/tune_throughput.py [--preset small] [--steps 60] [--per-gpu 1 2 4] [--json out.json]
+
+For each packing k, the `paper` preset (Adam, per-step λ₁(P⁻¹H)) is run as a
+study of exactly k trials (k variants at one learning rate) with
+``resources.gpu = 1/k``, so all k share one GPU at once.  Throughput is the
+sum of the trials' steps over the wall time of the Tune run (trial start-up
+included) and, separately, over the trials' own training time (from the step
+log's wall_time); the speed-up over k = 1 is measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+VARIANTS = ["base", "edm", "vparam", "snr", "pd", "adap_s", "stf"]
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from study.runner import run_study
+    from study.spec import load_spec
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="U-Net preset of the trials")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--per-gpu", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--data", help="npz file (default: built-in synthetic data)")
+    p.add_argument("--storage", default="results/bench-tune")
+    p.add_argument("--cpus", type=int, default=None)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+
+    gpus = torch.cuda.device_count()
+    rows = []
+    for k in args.per_gpu:
+        name = f"throughput-{k}-per-gpu"
+        shutil.rmtree(Path(args.storage) / name, ignore_errors=True)
+        data = ({"name": "npz", "path": args.data, "subset": None} if args.data
+                else {"name": "synthetic", "synthetic_size": 1024})
+        overrides = {
+            "study": {"name": name, "variants": VARIANTS[:k], "storage": args.storage, "seeds": [0]},
+            "search": {"algorithm": "grid", "lr": {"grid": [5e-4]}},
+            "resources": {"gpu": (1.0 / k) if gpus else 0, "cpu": 1, "max_concurrent": k},
+            "model": {"preset": args.preset},
+            "data": {**data, "batch_size": args.batch},
+            "train": {"steps": args.steps, "checkpoint_every": 10_000, "print_every": 0},
+        }
+        spec = load_spec("paper", overrides=[overrides])
+        t0 = time.perf_counter()
+        outcome = run_study(spec, num_cpus=args.cpus, verbose=0)
+        wall = time.perf_counter() - t0
+        steps = pd.read_parquet(Path(args.storage) / name / "steps")
+        trial_steps = len(steps)
+        train_wall = steps.groupby("trial")["wall_time"].max().max()
+        rows.append({"trials_per_gpu": k, "trials": k, "trial_steps": trial_steps, "wall_s": wall,
+                     "train_wall_s": float(train_wall),
+                     "steps_per_s": trial_steps / wall, "train_steps_per_s": trial_steps / float(train_wall),
+                     "statuses": outcome.trials["status"].value_counts().to_dict()})
+        print(f"{k} per GPU: {trial_steps} trial-steps in {wall:.1f} s "
+              f"({trial_steps / wall:.2f}/s; {trial_steps / train_wall:.2f}/s of training time)", flush=True)
+
+    for r in rows:
+        r["speedup_vs_1"] = r["steps_per_s"] / rows[0]["steps_per_s"]
+        r["train_speedup_vs_1"] = r["train_steps_per_s"] / rows[0]["train_steps_per_s"]
+    dev = torch.cuda.get_device_name(0) if gpus else platform.processor() or "cpu"
+    print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, per-step λ₁(P⁻¹H), {dev}")
+    print("| trials per GPU | trial-steps | wall s | trial-steps/s | speed-up | speed-up (training time only) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['trials_per_gpu']} | {r['trial_steps']} | {r['wall_s']:.1f} | {r['steps_per_s']:.2f} | "
+              f"{r['speedup_vs_1']:.2f}× | {r['train_speedup_vs_1']:.2f}× |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": dev, "date": str(date.today()), "preset": args.preset,
+                                               "batch": args.batch, "steps": args.steps, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
