@@ -179,7 +179,8 @@ def _search_directions(C: torch.Tensor, M: torch.Tensor, k: int) -> torch.Tensor
 
 
 def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional[int] = None, k: int = 2,
-           nwanted: int = 1, tol: float = 1e-3, max_iters: int = 100, generator: Optional[torch.Generator] = None,
+           nwanted: int = 1, tol: float = 1e-3, guard_tol: Optional[float] = None, max_iters: int = 100,
+           generator: Optional[torch.Generator] = None,
            dtype: Optional[torch.dtype] = None, device=None,
            callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None) -> LOBPCGResult:
     """Top-``k`` eigenpairs (largest algebraic) of the symmetric ``operator``
@@ -188,7 +189,11 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
     ``X0``: start block (n×j); missing or dependent columns are filled with
     Gaussian ones from ``generator``.  Without X0, ``n``, ``dtype``, ``device``
     say what vectors to make.  Stops when the ``nwanted`` top columns have
-    relative residual ≤ ``tol`` or after ``max_iters`` iterations.
+    relative residual ≤ ``tol`` or after ``max_iters`` iterations.  The guard
+    columns (after the first ``nwanted``) get a residual direction, at one
+    operator application each, only while their relative residual exceeds
+    ``guard_tol`` (default ``tol``): a looser ``guard_tol`` saves products once
+    the guards are good enough to keep the wanted columns apart.
     ``callback(iteration, products, θ, relative residuals)`` is called after
     every Rayleigh–Ritz step (θ and residuals float64 CPU).
     """
@@ -198,6 +203,7 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
         raise ValueError(f"nwanted: must be in [1, k={k}]; got {nwanted}")
     if not tol > 0:
         raise ValueError(f"tol: must be > 0; got {tol}")
+    guard_tol = tol if guard_tol is None else guard_tol
     if X0 is not None:
         if X0.dim() == 1:
             X0 = X0[:, None]
@@ -258,7 +264,8 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
         # basis S = [X, P, W]: X and P orthonormal by construction, W (the
         # residuals of the unconverged columns) orthonormalised against them
         Q, AQ = (X, AX) if P is None else (torch.cat([X, P], 1), torch.cat([AX, AP], 1))
-        W, _ = orthonormalize_against(Q, R[:, (rel > tol).to(device)], drop=drop)
+        active = torch.cat([rel[:nwanted] > tol, rel[nwanted:] > guard_tol])
+        W, _ = orthonormalize_against(Q, R[:, active.to(device)], drop=drop)
         AW = apply(W)
         S, AS = torch.cat([Q, W], 1), torch.cat([AQ, AW], 1)
         M = gram(S, S)

@@ -1,0 +1,175 @@
+"""The per-step curvature probe: λ₁ of the (preconditioned) Hessian.
+
+At a probed step, before the optimizer's update, :class:`SharpnessProbe`
+measures on the frozen Hessian batch
+
+* λ₁(H), the top eigenvalue of the loss Hessian (``lambda_max``);
+* for Adam/AdamW, λ₁(P⁻¹H) with P = diag(√v̂ + ε) from the optimizer's
+  bias-corrected second moment (``lambda_precond``).  P⁻¹H is similar to the
+  symmetric P^{-1/2} H P^{-1/2}, whose eigenvalues are computed instead;
+* the optimizer's stability threshold at the step's learning rate and the
+  ratio λ/threshold (λ₁(P⁻¹H) for the Adam family, λ₁(H) otherwise); a ratio
+  above 1 means the quadratic model of the loss is unstable under the update;
+* how the estimate was obtained (relative residual, iterations, Hessian-vector
+  products, converged) and the top-k eigenvalues of the same operator;
+* optionally a Hutchinson estimate of tr(H) and the batch sharpness
+  gᵀH_Bg/‖g‖² of the training mini-batch B (the "Edge of Stochastic
+  Stability" quantity, Andreyev & Beneventano 2024).
+
+Each eigenproblem is solved by block LOBPCG (:mod:`trainers.lobpcg`),
+warm-started from the previous probe's vectors; the Hessian-vector products
+reuse one gradient graph per probe (:mod:`trainers.hessian`).
+
+The probe leaves training undisturbed: parameters and their ``.grad`` are not
+touched, the global RNG is not used (its own generator is part of
+:meth:`SharpnessProbe.state_dict`), and TF32 is turned off during the probe
+so that products are exact to float32 rounding.  Weight decay is not part of
+the probed loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from trainers.config import OptimConfig, SharpnessConfig
+from trainers.hessian import HessianOperator, flatten, trainable_parameters
+from trainers.lobpcg import LOBPCGResult, lobpcg
+from trainers.optimizers import adam_preconditioner, is_preconditioned, stability_threshold
+
+LossFn = Callable[[], torch.Tensor]
+
+#: columns of the step log that :meth:`SharpnessProbe.measure` fills
+COLUMNS = ("lambda_max", "lambda_precond", "threshold", "ratio", "eig_residual", "eig_iters", "eig_hvps",
+           "eig_converged", "topk", "hessian_trace", "batch_sharpness")
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Turn TF32 off for matmuls and cuDNN convolutions (restored on exit):
+    TF32's 10-bit mantissa makes Hessian-vector products noisy at the 1e-3
+    level, the tolerance the eigen-solver works to."""
+    matmul = torch.get_float32_matmul_precision()
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+class SharpnessProbe:
+    """Measures the curvature columns of the step log (see :data:`COLUMNS`).
+
+    ``measure(model, loss_fn, optimizer, lr, batch_loss_fn)``: ``loss_fn`` is a
+    zero-argument closure returning the scalar frozen-batch loss at the
+    model's current parameters (the caller puts the model in eval mode with
+    double-differentiable attention); ``batch_loss_fn`` likewise for the
+    training mini-batch (batch sharpness, when enabled).
+
+    ``method``: Hessian-vector product implementation
+    (:data:`trainers.hessian.METHODS`); ``seed``: the probe's own generator
+    (random start vectors, Hutchinson probes).
+    """
+
+    def __init__(self, cfg: SharpnessConfig, optim_cfg: OptimConfig, *, method: str = "double_backward",
+                 seed: int = 0):
+        self.cfg = cfg
+        self.optim_cfg = optim_cfg
+        self.method = method
+        self.preconditioned = is_preconditioned(optim_cfg) and cfg.precondition == "auto"
+        self.generator = torch.Generator().manual_seed(seed)
+        self.warm: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, k) eigenvector blocks
+        self.probes = 0
+
+    # --- state -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"warm": {k: v.detach().cpu().clone() for k, v in self.warm.items()},
+                "generator": self.generator.get_state(), "probes": self.probes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warm = {k: v.clone() for k, v in state.get("warm", {}).items()}
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        self.probes = int(state.get("probes", 0))
+
+    # --- one eigenproblem -----------------------------------------------
+    def _solve(self, key: str, operator, n: int, dtype, device) -> LOBPCGResult:
+        X0 = self.warm.get(key) if self.cfg.warm_start else None
+        if X0 is not None:
+            if X0.shape[0] != n:
+                raise ValueError(f"sharpness probe state: warm-start vectors for {key!r} have {X0.shape[0]} "
+                                 f"entries but the model has {n} trainable parameters")
+            X0 = X0.to(device=device, dtype=dtype)
+        # Cold: every column is refined to tol (exploration protects against
+        # missing λ₁).  Warm: guards only to √tol, enough for their Ritz values
+        # (error ~ residual²) to take over when an eigenvalue overtakes λ₁.
+        guard_tol = self.cfg.tol if X0 is None else math.sqrt(self.cfg.tol)
+        res = lobpcg(operator, X0, n=n, k=self.cfg.block_size, nwanted=self.cfg.topk, tol=self.cfg.tol,
+                     guard_tol=guard_tol, max_iters=self.cfg.max_iters, generator=self.generator, dtype=dtype,
+                     device=device)
+        self.warm[key] = res.vectors.detach()
+        return res
+
+    def _rademacher(self, n: int, m: int, dtype, device) -> torch.Tensor:
+        z = torch.randint(0, 2, (n, m), generator=self.generator, dtype=torch.int8)
+        return (2 * z - 1).to(device=device, dtype=dtype)
+
+    # --- the measurement ---------------------------------------------------
+    def measure(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, lr: float,
+                batch_loss_fn: Optional[LossFn] = None) -> dict:
+        params = trainable_parameters(model)
+        threshold = stability_threshold(self.optim_cfg, lr)
+        cols: dict = {c: None for c in COLUMNS}
+        cols["threshold"] = threshold
+        device_type = params[0].device.type
+        with exact_float32(), torch.autocast(device_type, enabled=False):
+            H = HessianOperator(loss_fn, params, method=self.method, model=model)
+            n, dtype, device = H.n, H.dtype, H.device
+            try:
+                main: Optional[LOBPCGResult] = None
+                if self.preconditioned:
+                    P = adam_preconditioner(optimizer, params)
+                    if P is not None:
+                        d = flatten(P).to(dtype).rsqrt()[:, None]   # P^{-1/2}
+
+                        def precond_op(Y: torch.Tensor) -> torch.Tensor:
+                            return d * H(d * Y)
+                        main = self._solve("precond", precond_op, n, dtype, device)
+                        cols["lambda_precond"] = float(main.eigenvalues[0])
+                        cols["ratio"] = cols["lambda_precond"] / threshold
+                if not self.preconditioned or self.cfg.plain_lambda or main is None:
+                    plain = self._solve("plain", H, n, dtype, device)
+                    cols["lambda_max"] = float(plain.eigenvalues[0])
+                    if not self.preconditioned:
+                        cols["ratio"] = cols["lambda_max"] / threshold
+                    main = plain if main is None else main
+                cols.update(eig_residual=float(main.residuals[0]), eig_iters=int(main.iterations),
+                            eig_hvps=int(main.products), eig_converged=bool(main.converged),
+                            topk=[float(v) for v in main.eigenvalues[:self.cfg.topk]])
+                if self.cfg.trace_samples > 0:
+                    Z = self._rademacher(n, self.cfg.trace_samples, dtype, device)
+                    cols["hessian_trace"] = float((Z * H(Z)).sum(dtype=torch.float64)) / self.cfg.trace_samples
+            finally:
+                H.close()
+            if self.cfg.batch_sharpness and batch_loss_fn is not None:
+                cols["batch_sharpness"] = batch_sharpness(batch_loss_fn, params)
+        self.probes += 1
+        return cols
+
+
+def batch_sharpness(loss_fn: LossFn, params) -> float:
+    """gᵀHg / ‖g‖² with g = ∇L and H = ∇²L of the same (mini-batch) loss: the
+    curvature along the step direction of plain SGD (Andreyev & Beneventano
+    2024).  One gradient graph and one Hessian-vector product."""
+    with HessianOperator(loss_fn, params, method="double_backward") as H:
+        g = flatten(H.gradient())
+        gg = float(g.double().square().sum())
+        if gg == 0.0:
+            return float("nan")
+        return float((g.double() * H(g).double()).sum()) / gg
