@@ -54,6 +54,7 @@ def main(argv=None) -> int:
             "resources": {"gpu": (1.0 / k) if gpus else 0, "cpu": 1, "max_concurrent": k},
             "model": {"preset": args.preset},
             "data": {**data, "batch_size": args.batch},
+            "sharpness": {"hessian_batch": args.batch},
             "train": {"steps": args.steps, "checkpoint_every": 10_000, "print_every": 0},
         }
         spec = load_spec("paper", overrides=[overrides])
