@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         name = f"throughput-{k}-per-gpu"
         shutil.rmtree(Path(args.storage) / name, ignore_errors=True)
         data = ({"name": "npz", "path": args.data, "subset": None} if args.data
-                else {"name": "synthetic", "synthetic_size": 1024})
+                else {"name": "synthetic", "synthetic_size": 1024, "subset": None})
         overrides = {
             "study": {"name": name, "variants": VARIANTS[:k], "storage": args.storage, "seeds": [0]},
             "search": {"algorithm": "grid", "lr": {"grid": [5e-4]}},
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         rows.append({"trials_per_gpu": k, "trials": k, "trial_steps": trial_steps, "wall_s": wall,
                      "train_wall_s": float(train_wall),
                      "steps_per_s": trial_steps / wall, "train_steps_per_s": trial_steps / float(train_wall),
-                     "statuses": outcome.trials["status"].value_counts().to_dict()})
+                     "statuses": pd.Series(outcome.trials.column("status").to_pylist()).value_counts().to_dict()})
         print(f"{k} per GPU: {trial_steps} trial-steps in {wall:.1f} s "
               f"({trial_steps / wall:.2f}/s; {trial_steps / train_wall:.2f}/s of training time)", flush=True)
 

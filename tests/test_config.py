@@ -54,3 +54,8 @@ def test_merge_is_recursive_and_override_wins():
 def test_from_dict_on_a_section():
     from trainers.config import OptimConfig
     assert from_dict(OptimConfig, {"name": "momentum", "momentum": 0.5}).momentum == 0.5
+
+
+def test_synthetic_subset_larger_than_the_data_is_rejected_before_launch():
+    with pytest.raises(ConfigError, match="^data.subset:"):
+        run_config({"data": {"name": "synthetic", "synthetic_size": 100, "subset": 5000}})

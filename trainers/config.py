@@ -82,6 +82,9 @@ class DataConfig:
         if self.subset is not None:
             _check(self.subset >= 1, "data.subset", f"must be >= 1; got {self.subset}")
         _check(self.synthetic_size >= 1, "data.synthetic_size", f"must be >= 1; got {self.synthetic_size}")
+        if self.name == "synthetic" and self.subset is not None:
+            _check(self.subset <= self.synthetic_size, "data.subset",
+                   f"{self.subset} is larger than data.synthetic_size={self.synthetic_size}")
         if self.name in ("npz", "imagefolder"):
             _check(self.path is not None, "data.path", f"is required for data.name={self.name!r}")
 
