@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from trainers.config import ConfigError
-from trainers.loop import read_status, train
+from trainers.config import ConfigError, run_config
+from trainers.loop import Trainer, read_status, train
 from trainers.steplog import read_steps
 
 
@@ -117,3 +117,20 @@ def test_full_batch_gd_is_deterministic_and_uses_every_image(tmp_path):
     la = read_steps(tmp_path / "a" / "steps")["loss"]
     assert np.array_equal(la, read_steps(tmp_path / "b" / "steps")["loss"])
     assert la.iloc[-1] < la.iloc[0]  # GD on a fixed objective at a small lr descends
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    # GD with lr η and clip c moves the parameters by at most η·c per step
+    cfg = tiny_config(optim={"name": "gd", "lr": 1.0, "grad_clip": 1e-3}, train={"steps": 1, "ema_decay": 0.0})
+
+    init = Trainer(run_config(cfg)).model.state_dict()
+    train(cfg, tmp_path / "run")
+    after = _weights(tmp_path / "run")["model"]
+    step = torch.sqrt(sum(((after[k] - init[k]) ** 2).sum() for k in init))
+    assert 0 < float(step) <= 1e-3 * (1 + 1e-5)
+    assert read_steps(tmp_path / "run" / "steps")["grad_norm"].iloc[0] > 1e-3  # logged before clipping
+
+
+def test_bf16_autocast_trains(tmp_path):
+    result = train(tiny_config(train={"steps": 3, "bf16": True}), tmp_path / "run")
+    assert result.status == "completed" and np.isfinite(result.final_loss)
