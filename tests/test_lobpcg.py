@@ -172,3 +172,15 @@ def test_argument_errors():
         lobpcg(lambda X: A @ X, n=5, k=6, dtype=torch.float64)
     with pytest.raises(ValueError, match="X0 or n"):
         lobpcg(lambda X: A @ X, k=2)
+
+
+def test_loose_guards_save_products_and_keep_the_top_eigenvalue():
+    A = symmetric_with_spectrum(_spectrum("cluster"), seed=11)
+    kw = dict(n=N, k=3, nwanted=1, tol=1e-8, dtype=torch.float64, max_iters=2000)
+    full = lobpcg(lambda X: A @ X, generator=torch.Generator().manual_seed(0), **kw)
+    loose = lobpcg(lambda X: A @ X, generator=torch.Generator().manual_seed(0), guard_tol=float("inf"), **kw)
+    for r in (full, loose):
+        assert r.converged
+        torch.testing.assert_close(r.eigenvalues[0], torch.tensor(10.0, dtype=torch.float64), rtol=1e-9, atol=0)
+    # guards never refined: every iteration after the first costs exactly one product
+    assert loose.products == 3 + loose.iterations
