@@ -17,7 +17,6 @@ Sources:
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +190,3 @@ class Batches:
         (the training batch itself in ``fixed`` mode), unflipped."""
         size = min(size, len(self.images))
         return to_model_range(self.images[:size])
-
-
-def num_chunks(total: int, chunk: int) -> int:
-    return math.ceil(total / chunk)
