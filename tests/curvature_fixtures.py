@@ -133,3 +133,14 @@ def dense_gradient(model: nn.Module, loss_of_model) -> torch.Tensor:
 
 def top_eigenvalues(H: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.eigvalsh(H.to(torch.float64)).flip(0)[:k]
+
+
+def unet_blocks_problem():
+    """A ~500-parameter net of the U-Net's own blocks and its ε-prediction loss
+    on a fixed batch (float64): (model, loss closure)."""
+    torch.manual_seed(2)
+    model = randomize(TinyUNetLike().double(), std=0.3, seed=2).eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([10.0, 300.0, 900.0], dtype=torch.float64)
+    eps = torch.randn_like(x)
+    return model, lambda: ((model(x, t) - eps) ** 2).mean()

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from curvature_fixtures import MLP, TinyConvNet, TinyUNetLike, dense_hessian, randomize
+from curvature_fixtures import unet_blocks_problem, MLP, TinyConvNet, TinyUNetLike, dense_hessian, randomize
 from trainers.hessian import (METHODS, HessianOperator, flatten, gradient, hessian_vector_product,
                               hessian_vector_products, trainable_parameters, unflatten)
 
@@ -24,12 +24,7 @@ def _conv_problem():
 
 @pytest.fixture(scope="module")
 def unet_problem():
-    torch.manual_seed(2)
-    model = randomize(TinyUNetLike().double(), std=0.3, seed=2).eval()
-    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
-    t = torch.tensor([10.0, 300.0, 900.0], dtype=torch.float64)
-    eps = torch.randn_like(x)
-    loss = lambda: ((model(x, t) - eps) ** 2).mean()  # noqa: E731
+    model, loss = unet_blocks_problem()
     return model, loss, dense_hessian(model, loss)
 
 

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from curvature_fixtures import (MLP, Quadratic, TinyUNetLike, dense_gradient, dense_hessian, randomize,
+from curvature_fixtures import (unet_blocks_problem, MLP, Quadratic, TinyUNetLike, dense_gradient, dense_hessian, randomize,
                                 symmetric_with_spectrum, top_eigenvalues)
 from trainers.config import OptimConfig, SharpnessConfig
 from trainers.optimizers import build_optimizer
@@ -33,12 +33,7 @@ def test_columns_are_step_log_columns():
 
 
 def test_gd_lambda_and_top3_match_dense_on_unet_blocks():
-    torch.manual_seed(2)
-    model = randomize(TinyUNetLike().double(), std=0.3, seed=2).eval()
-    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
-    t = torch.tensor([10.0, 300.0, 900.0], dtype=torch.float64)
-    eps = torch.randn_like(x)
-    loss = lambda: ((model(x, t) - eps) ** 2).mean()  # noqa: E731
+    model, loss = unet_blocks_problem()
     true = top_eigenvalues(dense_hessian(model, loss), 3)
     ocfg = OptimConfig(name="gd", lr=0.01)
     probe = SharpnessProbe(SharpnessConfig(block_size=4, topk=3, **TIGHT), ocfg)
