@@ -71,7 +71,7 @@ def check(name, model, inputs, target_fn, device, fused=None):
     with HessianOperator(loss, params) as H:
         ref = H(V)
     out = []
-    for method in ("forward_over_reverse", "forward_over_reverse_vmap"):
+    for method in ("forward_over_reverse", "forward_over_reverse_vmap", "double_backward_batched"):
         try:
             with HessianOperator(loss, params, method=method, model=model) as H:
                 hv = H(V)

@@ -208,10 +208,21 @@ def part_costs(pb: Problem, args, out: list):
         rows.append(("gradient graph for double backward (create_graph)", 1e3 * t_graph, t_graph / t_grad, None,
                      "once per probe"))
         ref = None
-        with HessianOperator(pb.loss, pb.params, method="double_backward") as H:
+        with HessianOperator(pb.loss, pb.params, method="double_backward", fast_conv=False) as H:
             H(V[:, :1])
             t, ref = timed(lambda: H(V), device, reps)
-        rows.append(("HVP double backward, graph reused (probe default)", 1e3 * t / 2, t / 2 / t_grad, 0.0, "ok"))
+        rows.append(("HVP double backward, graph reused, built-in conv double backward", 1e3 * t / 2, t / 2 / t_grad,
+                     0.0, "ok"))
+        with HessianOperator(pb.loss, pb.params, method="double_backward", model=pb.model) as H:
+            sync(device)
+            t0 = time.perf_counter()
+            H(V[:, :1])
+            sync(device)
+            t_fast_graph = time.perf_counter() - t0
+            t, hv = timed(lambda: H(V), device, reps)
+        rows.append(("HVP double backward, graph reused, fast conv double backward (probe default; graph + first "
+                     f"product {t_fast_graph / t_grad:.2f}× gradient)", 1e3 * t / 2, t / 2 / t_grad,
+                     float((hv - ref).norm() / ref.norm()), "ok"))
         t, hv = timed(lambda: hessian_vector_product(pb.loss, pb.params, V[:, 0]), device, max(1, reps // 2))
         rows.append(("HVP double backward from scratch (naive)", 1e3 * t, t / t_grad,
                      float((hv - ref[:, 0]).norm() / ref[:, 0].norm()), "ok"))
@@ -229,6 +240,25 @@ def part_costs(pb: Problem, args, out: list):
                 if args.verbose:
                     traceback.print_exc()
                 rows.append((f"HVP {method}", None, None, None, f"FAILED: {msg}"))
+        if device.type == "cuda":
+            # cuDNN autotuning: each convolution shape (the double backward has
+            # new ones) gets the fastest algorithm after a timing run
+            before = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                t_g, _ = timed(lambda: torch.autograd.grad(pb.loss(), pb.params), device, reps)
+                rows.append(("gradient, cudnn.benchmark on", 1e3 * t_g, t_g / t_grad, None, "—"))
+                with HessianOperator(pb.loss, pb.params, method="double_backward", model=pb.model) as H:
+                    H(V[:, :1])
+                    t, _ = timed(lambda: H(V), device, reps)
+                rows.append(("HVP double backward (fast conv), graph reused, cudnn.benchmark on (× that gradient: "
+                             f"{t / 2 / t_g:.2f})", 1e3 * t / 2, t / 2 / t_grad, None, "ok"))
+                with HessianOperator(pb.loss, pb.params, method="forward_over_reverse_vmap", model=pb.model) as H:
+                    t, _ = timed(lambda: H(V), device, reps)
+                rows.append(("HVP forward_over_reverse_vmap (block of 2), cudnn.benchmark on (× that gradient: "
+                             f"{t / 2 / t_g:.2f})", 1e3 * t / 2, t / 2 / t_grad, None, "ok"))
+            finally:
+                torch.backends.cudnn.benchmark = before
         rows += reference_package_costs(pb, V, ref, t_grad, reps)
     out.append("### Cost of one Hessian-vector product\n")
     out.append(table(["implementation", "ms per vector", "× gradient", "rel. diff. vs double backward", "status"],
@@ -297,7 +327,7 @@ def part_cold(pb: Problem, args, out: list, t_grad: float, t_hvp: float):
     rows = []
     summary = {}
     with exact_float32():
-        H = HessianOperator(pb.loss, pb.params)
+        H = HessianOperator(pb.loss, pb.params, model=pb.model)
         d = pb.precond_scale()
         ops = {"H": H, "P⁻¹H": precond_operator(H, d)}
         refs = {}
@@ -350,7 +380,7 @@ def part_cold(pb: Problem, args, out: list, t_grad: float, t_hvp: float):
 def start_references(pb: Problem, args):
     n = sum(p.numel() for p in pb.params)
     with exact_float32():
-        with HessianOperator(pb.loss, pb.params) as H:
+        with HessianOperator(pb.loss, pb.params, model=pb.model) as H:
             ops = {"H": H, "P⁻¹H": precond_operator(H, pb.precond_scale())}
             return {name: reference(op, n, pb.params[0].dtype, pb.device, None, args) for name, op in ops.items()}
 
@@ -415,21 +445,50 @@ def lanczos_cold(pb: Problem, args, lam_ref):
              None, secs)]
 
 
-def part_warm(pb: Problem, args, out: list, refs, t_grad: float):
+class WarmPolicy:
+    """One way of warm-starting and stopping the per-step solve."""
+
+    def __init__(self, label, tol, guard_tol=None, transport=False, method="double_backward", operators=("P⁻¹H",)):
+        self.label, self.tol, self.guard_tol = label, tol, guard_tol
+        self.transport, self.method, self.operators = transport, method, operators
+
+
+def warm_policies(args):
+    t, lt = args.tol, args.loose_tol
+    pols = [WarmPolicy("LOBPCG, guards to tol", t, None),
+            WarmPolicy("LOBPCG, guards to √tol (probe default)", t, math.sqrt(t), operators=("P⁻¹H", "H")),
+            WarmPolicy("LOBPCG, wanted column only", t, float("inf")),
+            WarmPolicy("LOBPCG, guards to √tol, transported", t, math.sqrt(t), transport=True),
+            WarmPolicy(f"LOBPCG, tol {args.mid_tol:g}, guards to √tol, transported", args.mid_tol,
+                       math.sqrt(args.mid_tol), transport=True),
+            WarmPolicy(f"LOBPCG, tol {lt:g}, guards to √tol", lt, math.sqrt(lt)),
+            WarmPolicy(f"LOBPCG, tol {lt:g}, guards to √tol, transported", lt, math.sqrt(lt), transport=True)]
+    if args.warm_fvr:
+        pols.append(WarmPolicy(f"LOBPCG, tol {lt:g}, guards to √tol, transported, forward_over_reverse_vmap", lt,
+                               math.sqrt(lt), transport=True, method="forward_over_reverse_vmap"))
+    return pols
+
+
+def part_warm(pb: Problem, args, out: list, refs, t_grad: float, t_hvp: float):
+    """Per Adam step: a tight reference, then every policy's warm solve.
+
+    'transported' warm starts carry the λ₁(P⁻¹H) vectors over to the new
+    preconditioner (y ← (D_new / D_old) y, D = P^{-1/2}; see
+    ``SharpnessProbe._transport``).  Seconds include building the gradient
+    graph once per step for the double-backward methods."""
     device = pb.device
     n = sum(p.numel() for p in pb.params)
     dtype = pb.params[0].dtype
-    policies = [("LOBPCG, guards to tol", None, args.tol),
-                ("LOBPCG, guards to √tol (probe default)", math.sqrt(args.tol), args.tol),
-                ("LOBPCG, wanted column only", float("inf"), args.tol),
-                (f"LOBPCG, tol {args.loose_tol:g}, guards to √tol", math.sqrt(args.loose_tol), args.loose_tol)]
+    policies = warm_policies(args)
     ref_X = {name: r.vectors for name, (lam, r) in refs.items()}
-    warm = {(name, label): ref_X[name][:, :args.block_size].clone() for name in refs for label, _, _ in policies}
+    warm = {(name, p.label): ref_X[name][:, :args.block_size].clone() for name in refs for p in policies}
     warm_power = {name: ref_X[name][:, 0].clone() for name in refs}
+    d_prev = pb.precond_scale()
     stats: dict = {}
     probe_cfg = SharpnessConfig(block_size=args.block_size, tol=args.tol, max_iters=args.max_iters)
     probe = SharpnessProbe(probe_cfg, pb.optim_cfg)
     probe.warm = {"plain": ref_X["H"][:, :args.block_size].clone(), "precond": ref_X["P⁻¹H"][:, :args.block_size].clone()}
+    probe.warm_scale = d_prev.clone()
     t_train, t_probe = [], []
     for step in range(args.steps):
         sync(device)
@@ -445,59 +504,72 @@ def part_warm(pb: Problem, args, out: list, refs, t_grad: float):
         sync(device)
         t_probe.append(time.perf_counter() - t0)
         with exact_float32():
-            H = HessianOperator(pb.loss, pb.params)
+            H = HessianOperator(pb.loss, pb.params, model=pb.model)
             d = pb.precond_scale()
-            ops = {"P⁻¹H": precond_operator(H, d), "H": H}
             sync(device)
             t0 = time.perf_counter()
             H(torch.zeros(n, 1, device=device, dtype=dtype))     # build the graph, as the probe does
             sync(device)
             t_build = time.perf_counter() - t0
             line = [f"step {step}: loss {loss:.4f}"]
-            for name, op in ops.items():
+            for name in ("P⁻¹H", "H"):
+                op = precond_operator(H, d) if name == "P⁻¹H" else H
                 lam_ref, r = reference(op, n, dtype, device, ref_X[name], args)
                 ref_X[name] = r.vectors
                 line.append(f"λ₁({name}) = {lam_ref:.6g} [ref residual {float(r.residuals[0]):.1e}]")
-                for label, gt, tol in policies:
-                    if name == "H" and "probe default" not in label:
+                for pol in policies:
+                    if name not in pol.operators:
                         continue
-                    res, traj, secs = run_lobpcg(op, warm[(name, label)], n, dtype, device, args, guard_tol=gt,
-                                                 tol=tol)
-                    warm[(name, label)] = res.vectors
+                    X0 = warm[(name, pol.label)]
+                    if pol.transport and name == "P⁻¹H":
+                        X0 = (d / d_prev) * X0
+                    if pol.method == "double_backward":
+                        pop, extra = op, t_build
+                    else:
+                        Hm = HessianOperator(pb.loss, pb.params, method=pol.method, model=pb.model)
+                        pop, extra = (precond_operator(Hm, d) if name == "P⁻¹H" else Hm), 0.0
+                    res, traj, secs = run_lobpcg(pop, X0, n, dtype, device, args, guard_tol=pol.guard_tol,
+                                                 tol=pol.tol)
+                    warm[(name, pol.label)] = res.vectors
                     acc = first_accurate(traj, lam_ref)
                     err = abs(float(res.eigenvalues[0]) - lam_ref) / abs(lam_ref)
-                    stats.setdefault((label, name), []).append((res.products, acc, err, secs + t_build,
-                                                                res.converged, traj[0][2]))
-                    line.append(f"{label}: {res.products} HVPs, err {err:.1e}")
-                plam, v, prods, conv, traj = power_iteration(op, warm_power[name], args.warm_power_iters, args.tol)
-                warm_power[name] = v
-                acc = first_accurate(traj, lam_ref)
-                stats.setdefault(("power iteration (warm)", name), []).append(
-                    (prods, acc, abs(plam - lam_ref) / abs(lam_ref), None, conv, None))
-                line.append(f"power: {prods} HVPs")
+                    stats.setdefault((pol.label, name), []).append((res.products, acc, err, secs + extra,
+                                                                    res.converged, traj[0][2]))
+                    line.append(f"{pol.label}: {res.products} HVPs, err {err:.1e}")
+                if args.warm_power:
+                    plam, v, prods, conv, traj = power_iteration(op, warm_power[name], args.warm_power_iters,
+                                                                 args.tol)
+                    warm_power[name] = v
+                    acc = first_accurate(traj, lam_ref)
+                    stats.setdefault(("power iteration (warm)", name), []).append(
+                        (prods, acc, abs(plam - lam_ref) / abs(lam_ref), None, conv, None))
+                    line.append(f"power: {prods} HVPs")
                 if name == "P⁻¹H":
                     line.append(f"probe λ₁(P⁻¹H) {cols['lambda_precond']:.6g} ({cols['eig_hvps']} HVPs)")
             H.close()
+            d_prev = d
         log("; ".join(line))
     rows = []
-    for (label, name), s in stats.items():
-        prods = [x[0] for x in s]
-        accs = [x[1] for x in s]
-        errs = [x[2] for x in s]
-        secs = [x[3] for x in s if x[3] is not None]
-        init = [x[5] for x in s if x[5] is not None]
+    for (label, name), st in stats.items():
+        prods = [x[0] for x in st]
+        accs = [x[1] for x in st]
+        errs = [x[2] for x in st]
+        secs = [x[3] for x in st if x[3] is not None]
+        init = [x[5] for x in st if x[5] is not None]
         rows.append((label, name, statistics.median(init) if init else None, statistics.mean(prods),
                      statistics.mean(accs) if None not in accs else f"> ({sum(a is None for a in accs)} never)",
-                     max(errs), sum(x[4] for x in s), len(s),
-                     statistics.mean(secs) / t_grad if secs else None))
+                     max(errs), sum(x[4] for x in st), len(st),
+                     statistics.mean(secs) / t_grad if secs else None,
+                     statistics.mean(secs) / t_hvp if secs and t_hvp == t_hvp else None))
     out.append(f"\n### Warm start: {args.steps} consecutive Adam steps (lr {args.lr:g}), probe before each\n")
-    out.append(f"Per step: residual-stopped solve (tol {args.tol:g}, k = {args.block_size}) warm-started from the "
-               "previous step's vectors; 'HVPs to accuracy' is the oracle count at which λ₁ was first within "
-               f"{ACC:g} of that step's tight reference.\n")
+    out.append(f"Per step: residual-stopped solve (k = {args.block_size}) warm-started from the previous step's "
+               "vectors; 'HVPs to accuracy' is the oracle count at which λ₁ was first within "
+               f"{ACC:g} of that step's tight reference; 'time in HVPs' is the solve's wall time (with the "
+               "gradient graph for double backward) over one graph-reusing double-backward product.  "
+               "'transported': the λ₁(P⁻¹H) start block is rescaled by D_new / D_old (D = P^{-1/2}).\n")
     out.append(table(["solver", "operator", "median warm-start residual", "mean HVPs per step",
-                      f"mean HVPs to {ACC:g} accuracy",
-                      "max rel. error of reported λ₁", "converged steps", "steps", "seconds per probe / gradient"],
-                     rows))
+                      f"mean HVPs to {ACC:g} accuracy", "max rel. error of reported λ₁", "converged steps",
+                      "steps", "seconds per solve / gradient", "time in HVPs"], rows))
     out.append(f"\nFull `SharpnessProbe.measure` (λ₁(P⁻¹H) and λ₁(H), default config except k, tol): "
                f"mean {statistics.mean(t_probe):.3g} s = {statistics.mean(t_probe) / t_grad:.1f} gradients = "
                f"{statistics.mean(t_probe) / statistics.mean(t_train):.1f} training steps (training step "
@@ -518,6 +590,11 @@ def main(argv=None):
     ap.add_argument("--block-size", type=int, default=2)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--loose-tol", type=float, default=3e-2, help="a looser residual tolerance also tried warm")
+    ap.add_argument("--mid-tol", type=float, default=1e-2, help="an intermediate residual tolerance tried warm")
+    ap.add_argument("--no-warm-power", dest="warm_power", action="store_false",
+                    help="skip the warm-started power iteration")
+    ap.add_argument("--warm-fvr", action="store_true",
+                    help="also time a warm policy with forward_over_reverse_vmap products")
     ap.add_argument("--max-iters", type=int, default=100)
     ap.add_argument("--ref-tol", type=float, default=1e-5)
     ap.add_argument("--ref-block", type=int, default=4)
@@ -558,11 +635,14 @@ def main(argv=None):
     summary = refs = stats = None
     if "costs" in parts:
         t_grad, _, cost_rows = part_costs(pb, args, out)
-        t_hvp = next(r[1] for r in cost_rows if r[0].startswith("HVP double backward, graph reused")) / 1e3
+        t_hvp = next(r[1] for r in cost_rows if "probe default" in r[0]) / 1e3
     else:
         with exact_float32():
             t_grad, _ = timed(lambda: torch.autograd.grad(pb.loss(), pb.params), device, args.reps)
-        t_hvp = float("nan")
+            with HessianOperator(pb.loss, pb.params, model=pb.model) as H:
+                v = torch.randn(H.n, 1, generator=torch.Generator().manual_seed(0)).to(device)
+                t_hvp, _ = timed(lambda: H(v), device, args.reps)
+        log(f"gradient {1e3 * t_grad:.1f} ms, HVP (graph reused) {1e3 * t_hvp:.1f} ms = {t_hvp / t_grad:.2f}×")
     print("\n".join(out), flush=True)
     shown = len(out)
     if "cold" in parts:
@@ -572,7 +652,7 @@ def main(argv=None):
     elif "warm" in parts:
         refs = start_references(pb, args)
     if "warm" in parts:
-        stats = part_warm(pb, args, out, refs, t_grad)
+        stats = part_warm(pb, args, out, refs, t_grad, t_hvp)
     out.append("\n" + goals(args, t_grad, t_hvp, cost_rows if "costs" in parts else None, summary, stats))
     print("\n".join(out[shown:]), flush=True)
     text = "\n".join(out) + "\n"

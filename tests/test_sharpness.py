@@ -256,6 +256,38 @@ def test_warm_start_needs_fewer_products_while_training_slowly():
     assert totals[True] < 0.75 * totals[False]
 
 
+def test_warm_start_follows_the_changing_preconditioner():
+    """H = 100 hhᵀ + small: the top eigenvector of P^{-1/2}HP^{-1/2} is ∝ P^{-1/2}h,
+    so when Adam's v̂ changes, the transported start (D_new/D_old)·y is already
+    (nearly) the new eigenvector, while the plain previous vector is not."""
+    n = 40
+    g = torch.Generator().manual_seed(21)
+    h = torch.randn(n, generator=g, dtype=torch.float64)
+    A = 100.0 * torch.outer(h, h) / (h @ h) + torch.diag(torch.linspace(0.01, 0.1, n, dtype=torch.float64))
+    ocfg = OptimConfig(name="adam", lr=1e-3)
+    cfg = SharpnessConfig(tol=1e-6, max_iters=300, plain_lambda=False)
+    results = {}
+    for transport in (True, False):
+        model = Quadratic(A, torch.randn(n, generator=torch.Generator().manual_seed(22), dtype=torch.float64))
+        opt = build_optimizer(ocfg, model.parameters())
+        _train(model, model.loss, opt, 1)
+        state = opt.state[model.theta]
+        state["exp_avg_sq"].copy_(torch.linspace(1.0, 2.0, n, dtype=torch.float64))
+        probe = SharpnessProbe(cfg, ocfg)
+        probe.measure(model, model.loss, opt, 1e-3)
+        state["exp_avg_sq"].copy_(torch.linspace(4.0, 0.5, n, dtype=torch.float64))   # P changes a lot
+        if not transport:
+            probe.warm_scale = None
+        results[transport] = probe.measure(model, model.loss, opt, 1e-3)
+    P = (torch.linspace(4.0, 0.5, n, dtype=torch.float64) / (1 - 0.999)).sqrt() + 1e-8
+    d = P.rsqrt()
+    true = torch.linalg.eigvalsh(d[:, None] * A * d[None, :])[-1]
+    for cols in results.values():
+        assert cols["lambda_precond"] == pytest.approx(float(true), rel=1e-9)
+    assert results[True]["eig_hvps"] < results[False]["eig_hvps"]
+    assert results[True]["eig_iters"] <= 2
+
+
 def test_resumed_probe_continues_identically():
     model, loss = _mlp(seed=12)
     ocfg = OptimConfig(name="adam", lr=1e-2)

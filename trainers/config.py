@@ -160,6 +160,10 @@ class VariantConfig:
                f"must be >= 0; got {self.input_perturbation}")
 
 
+#: Hessian-vector product implementations (see trainers/hessian.py)
+HVP_METHODS = ("double_backward", "double_backward_batched", "forward_over_reverse", "forward_over_reverse_vmap")
+
+
 @dataclass
 class SharpnessConfig:
     """The per-step curvature probe (λ₁ of the (preconditioned) Hessian).
@@ -180,6 +184,7 @@ class SharpnessConfig:
     trace_samples: int = 0       # Hutchinson probes (0: off)
     batch_sharpness: bool = False
     refresh_batch: bool = False  # draw a new Hessian batch at every probe instead of a fixed one
+    hvp: str = "double_backward"  # Hessian-vector product method (trainers.hessian.METHODS)
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")
@@ -191,6 +196,7 @@ class SharpnessConfig:
         _check(self.max_iters >= 1, "sharpness.max_iters", f"must be >= 1; got {self.max_iters}")
         _choice(self.precondition, ("auto", "none"), "sharpness.precondition")
         _check(self.trace_samples >= 0, "sharpness.trace_samples", f"must be >= 0; got {self.trace_samples}")
+        _choice(self.hvp, HVP_METHODS, "sharpness.hvp")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

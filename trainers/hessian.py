@@ -17,11 +17,16 @@ Two ways to multiply by the Hessian H = ∇²L(θ):
 Which one is faster depends on the device (``bench/RESULTS.md``).  On an H100
 with the 35.7M-parameter DDPM U-Net (batch 128, float32, TF32 off) one
 product cost 3.4 gradients by double backward with the graph reused, 4.4
-from scratch, 3.7 by forward over reverse and 2.9 per vector for a vmapped
-block of two; ``double_backward_batched`` (``is_grads_batched``) failed there
-with a vmap shape error inside a convolution backward, while it is correct on
-the CPU.  ``double_backward`` is the default: exact, supported by every op
-with a double-backward formula, and its graph serves all products of a probe.
+from scratch, 3.6 by forward over reverse and 2.9 per vector for a vmapped
+block of two.  A third of the double-backward time was one slow cuDNN kernel
+that PyTorch's double backward of a convolution picks; given the ``model``,
+the operator builds its gradient graph with convolutions whose second
+derivatives use the ordinary fast kernels
+(:mod:`trainers.conv_double_backward`, ``fast_conv=True``).
+``double_backward_batched`` (``is_grads_batched``) fails on CUDA inside
+GroupNorm's double backward (a vmap shape error) and is correct on the CPU.
+``double_backward`` is the default: exact, supported by every op with a
+double-backward formula, and its graph serves all products of a probe.
 
 The loss is a zero-argument closure (``loss_fn() -> scalar``) computed from
 the model's *current* parameters, so the same closure serves every method:
@@ -30,14 +35,16 @@ forward over reverse swaps the parameters for functional ones through
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-LossFn = Callable[[], torch.Tensor]
+from trainers.config import HVP_METHODS as METHODS  # one list, validated by SharpnessConfig.hvp
+from trainers.conv_double_backward import fast_double_backward
 
-METHODS = ("double_backward", "double_backward_batched", "forward_over_reverse", "forward_over_reverse_vmap")
+LossFn = Callable[[], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +145,8 @@ class HessianOperator:
     until :meth:`close` (or the end of a ``with`` block); the parameters must
     not change in between.  ``method``:
 
-    * ``double_backward``: one second backward pass per vector;
+    * ``double_backward``: one second backward pass per vector (with
+      ``model`` and ``fast_conv``, through :mod:`trainers.conv_double_backward`);
     * ``double_backward_batched``: one vmapped second backward pass per block
       (``is_grads_batched``);
     * ``forward_over_reverse``: ``jvp(grad(L))`` per vector (needs ``model``);
@@ -146,7 +154,7 @@ class HessianOperator:
     """
 
     def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, method: str = "double_backward",
-                 model: Optional[nn.Module] = None):
+                 model: Optional[nn.Module] = None, fast_conv: bool = True):
         if method not in METHODS:
             raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
         self.loss_fn = loss_fn
@@ -160,6 +168,10 @@ class HessianOperator:
         self.products = 0
         self._grads: Optional[list[torch.Tensor]] = None
         self._loss: Optional[torch.Tensor] = None
+        # double backward through the model's convolutions on the fast kernels
+        # (trainers/conv_double_backward.py); the vmapped variant keeps the
+        # built-in formula, whose batching rules it relies on
+        self._fast_conv_model = model if (fast_conv and method == "double_backward") else None
         if method.startswith("forward_over_reverse"):
             if model is None:
                 raise ValueError(f"model: method {method!r} needs the model the parameters belong to")
@@ -167,10 +179,13 @@ class HessianOperator:
 
     # --- double backward ---------------------------------------------------
     def _build_graph(self) -> None:
-        loss = self.loss_fn()
-        if loss.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)}")
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        convs = (fast_double_backward(self._fast_conv_model) if self._fast_conv_model is not None
+                 else contextlib.nullcontext())
+        with convs:
+            loss = self.loss_fn()
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)}")
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self._loss = loss.detach()
         self._grads = _zeros_for_none(grads, self.params)
         # Gradient entries that do not depend on the parameters (linear in θ, or

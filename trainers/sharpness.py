@@ -73,39 +73,45 @@ class SharpnessProbe:
     training mini-batch (batch sharpness, when enabled).
 
     ``method``: Hessian-vector product implementation
-    (:data:`trainers.hessian.METHODS`); ``seed``: the probe's own generator
+    (:data:`trainers.hessian.METHODS`; default ``cfg.hvp``); ``seed``: the probe's own generator
     (random start vectors, Hutchinson probes).
     """
 
-    def __init__(self, cfg: SharpnessConfig, optim_cfg: OptimConfig, *, method: str = "double_backward",
+    def __init__(self, cfg: SharpnessConfig, optim_cfg: OptimConfig, *, method: Optional[str] = None,
                  seed: int = 0):
         self.cfg = cfg
         self.optim_cfg = optim_cfg
-        self.method = method
+        self.method = cfg.hvp if method is None else method
         self.preconditioned = is_preconditioned(optim_cfg) and cfg.precondition == "auto"
         self.generator = torch.Generator().manual_seed(seed)
         self.warm: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, k) eigenvector blocks
+        self.warm_scale: Optional[torch.Tensor] = None   # P^{-1/2} (n, 1) at the last λ₁(P⁻¹H) solve
         self.probes = 0
 
     # --- state -----------------------------------------------------------
     def state_dict(self) -> dict:
         return {"warm": {k: v.detach().cpu().clone() for k, v in self.warm.items()},
+                "warm_scale": None if self.warm_scale is None else self.warm_scale.detach().cpu().clone(),
                 "generator": self.generator.get_state(), "probes": self.probes}
 
     def load_state_dict(self, state: dict) -> None:
         self.warm = {k: v.clone() for k, v in state.get("warm", {}).items()}
+        scale = state.get("warm_scale")
+        self.warm_scale = None if scale is None else scale.clone()
         if "generator" in state:
             self.generator.set_state(state["generator"])
         self.probes = int(state.get("probes", 0))
 
     # --- one eigenproblem -----------------------------------------------
-    def _solve(self, key: str, operator, n: int, dtype, device) -> LOBPCGResult:
+    def _solve(self, key: str, operator, n: int, dtype, device, transport=None) -> LOBPCGResult:
         X0 = self.warm.get(key) if self.cfg.warm_start else None
         if X0 is not None:
             if X0.shape[0] != n:
                 raise ValueError(f"sharpness probe state: warm-start vectors for {key!r} have {X0.shape[0]} "
                                  f"entries but the model has {n} trainable parameters")
             X0 = X0.to(device=device, dtype=dtype)
+            if transport is not None:
+                X0 = transport * X0
         # Cold: every column is refined to tol (exploration protects against
         # missing λ₁).  Warm: guards only to √tol, enough for their Ritz values
         # (error ~ residual²) to take over when an eigenvalue overtakes λ₁.
@@ -115,6 +121,19 @@ class SharpnessProbe:
                      device=device)
         self.warm[key] = res.vectors.detach()
         return res
+
+    def _transport(self, d: torch.Tensor, n: int, device) -> Optional[torch.Tensor]:
+        """Carry the last λ₁(P⁻¹H) vectors over to the new preconditioner.
+
+        With D = P^{-1/2}, the top eigenvector y of the symmetric D H D satisfies
+        H (D y) = λ P (D y).  When one direction h dominates the curvature
+        (H ≈ λ₁ h hᵀ + smaller terms), y ∝ D h: the gradient-space direction h
+        moves little between steps, D does (v̂ averages squared gradients), so
+        the warm start is y' = D_new h = (D_new / D_old) y rather than y."""
+        old = self.warm_scale
+        if old is None or old.shape[0] != n:
+            return None
+        return d / old.to(device=device, dtype=d.dtype)
 
     def _rademacher(self, n: int, m: int, dtype, device) -> torch.Tensor:
         z = torch.randint(0, 2, (n, m), generator=self.generator, dtype=torch.int8)
@@ -140,7 +159,9 @@ class SharpnessProbe:
 
                         def precond_op(Y: torch.Tensor) -> torch.Tensor:
                             return d * H(d * Y)
-                        main = self._solve("precond", precond_op, n, dtype, device)
+                        main = self._solve("precond", precond_op, n, dtype, device,
+                                           transport=self._transport(d, n, device))
+                        self.warm_scale = d.detach().clone()
                         cols["lambda_precond"] = float(main.eigenvalues[0])
                         cols["ratio"] = cols["lambda_precond"] / threshold
                 if not self.preconditioned or self.cfg.plain_lambda or main is None:
@@ -158,16 +179,17 @@ class SharpnessProbe:
             finally:
                 H.close()
             if self.cfg.batch_sharpness and batch_loss_fn is not None:
-                cols["batch_sharpness"] = batch_sharpness(batch_loss_fn, params)
+                cols["batch_sharpness"] = batch_sharpness(batch_loss_fn, params, model)
         self.probes += 1
         return cols
 
 
-def batch_sharpness(loss_fn: LossFn, params) -> float:
+def batch_sharpness(loss_fn: LossFn, params, model: Optional[nn.Module] = None) -> float:
     """gᵀHg / ‖g‖² with g = ∇L and H = ∇²L of the same (mini-batch) loss: the
     curvature along the step direction of plain SGD (Andreyev & Beneventano
-    2024).  One gradient graph and one Hessian-vector product."""
-    with HessianOperator(loss_fn, params, method="double_backward") as H:
+    2024).  One gradient graph and one Hessian-vector product (``model``: use
+    its fast convolution double backward)."""
+    with HessianOperator(loss_fn, params, method="double_backward", model=model) as H:
         g = flatten(H.gradient())
         gg = float(g.double().square().sum())
         if gg == 0.0:

@@ -1,0 +1,134 @@
+"""2-D convolutions whose *second* derivatives run on the fast kernels.
+
+A Hessian-vector product by double backward differentiates the backward
+pass of every convolution.  PyTorch's formula for that
+(``_convolution_double_backward``) computes one of its terms, the weight
+gradient of the backward's input gradient, as a convolution of the batch-
+and channel-transposed activations with a kernel as large as the feature map
+(32×32 here).  cuDNN runs that shape on a slow generic kernel
+(``implicit_convolve_sgemm``): on an H100 with the 35.7M-parameter DDPM
+U-Net at batch 128 it took 191 of the 584 ms of one product
+(``bench/hvp_profile.py``, 2026-11-24).
+
+Here the backward of a convolution y = conv(x, w) is written with two small
+autograd functions, each of whose own backward is one forward convolution
+plus one ordinary data- or weight-gradient kernel:
+
+* ``dx = dgrad(gy, w)``: ∂/∂gy = conv(ggx, w), ∂/∂w = wgrad(ggx, gy);
+* ``dw = wgrad(x, gy)``: ∂/∂gy = conv(x, ggw), ∂/∂x = dgrad(gy, ggw).
+
+These are the same derivatives (exact to float rounding), so gradients and
+Hessian-vector products do not change, only the kernels that compute them.
+Third derivatives are not supported (``once_differentiable``).
+
+:func:`fast_double_backward` switches every ``nn.Conv2d`` of a model over
+for the duration of a ``with`` block; the Hessian operator uses it while it
+builds the gradient graph.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def _conv_backward(gy, x, w, stride, padding, dilation, groups, mask):
+    return torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                               mask)
+
+
+class _InputGrad(torch.autograd.Function):
+    """dx = dgrad(gy, w) for the convolution of an input shaped like ``x``."""
+
+    @staticmethod
+    def forward(ctx, gy, w, x, stride, padding, dilation, groups):
+        ctx.save_for_backward(gy, w, x)
+        ctx.conf = (stride, padding, dilation, groups)
+        return _conv_backward(gy, x, w, stride, padding, dilation, groups, [True, False, False])[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx):
+        gy, w, x = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        d_gy = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_gy = F.conv2d(ggx, w, None, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            d_w = _conv_backward(gy, ggx, w, stride, padding, dilation, groups, [False, True, False])[1]
+        return d_gy, d_w, None, None, None, None, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """dw = wgrad(x, gy) for a weight shaped like ``w``."""
+
+    @staticmethod
+    def forward(ctx, x, gy, w, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, gy, w)
+        ctx.conf = (stride, padding, dilation, groups)
+        return _conv_backward(gy, x, w, stride, padding, dilation, groups, [False, True, False])[1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggw):
+        x, gy, w = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        d_x = d_gy = None
+        if ctx.needs_input_grad[0]:
+            d_x = _conv_backward(gy, x, ggw, stride, padding, dilation, groups, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            d_gy = F.conv2d(x, ggw, None, stride, padding, dilation, groups)
+        return d_x, d_gy, None, None, None, None, None
+
+
+class _Conv2d(torch.autograd.Function):
+    """conv2d (zero padding) with a differentiable backward made of
+    :class:`_InputGrad` and :class:`_WeightGrad`."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, w)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.has_bias = b is not None
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        conf = ctx.conf
+        dx = _InputGrad.apply(gy, w, x, *conf) if ctx.needs_input_grad[0] else None
+        dw = _WeightGrad.apply(x, gy, w, *conf) if ctx.needs_input_grad[1] else None
+        db = gy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+           groups: int = 1) -> torch.Tensor:
+    """``F.conv2d`` (numeric padding, zeros mode) with the fast double backward."""
+    pair = torch.nn.modules.utils._pair
+    return _Conv2d.apply(x, w, b, list(pair(stride)), list(pair(padding)), list(pair(dilation)), groups)
+
+
+def supported(module: nn.Conv2d) -> bool:
+    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+@contextlib.contextmanager
+def fast_double_backward(model: nn.Module) -> Iterator[int]:
+    """Route the forward of every (zero-padded) ``nn.Conv2d`` in ``model``
+    through :func:`conv2d` inside the block; yields how many were switched."""
+    switched = []
+    for m in model.modules():
+        if supported(m) and "_conv_forward" not in m.__dict__:
+            m._conv_forward = (lambda mod: lambda x, w, b: conv2d(x, w, b, mod.stride, mod.padding, mod.dilation,
+                                                                   mod.groups))(m)
+            switched.append(m)
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            del m.__dict__["_conv_forward"]
