@@ -1,8 +1,8 @@
 """Aggregate trial-steps per second of a Ray Tune sweep with 1, 2 and 4 trials per GPU.
 
-    python bench/tune_throughput.py [--preset small] [--steps 60] [--per-gpu 1 2 4] [--json out.json]
+    python bench/tune_throughput.py [--preset small] [--steps 60] [--per-gpu 1 2 4] [--every 1] [--json out.json]
 
-For each packing k, the `paper` preset (Adam, per-step λ₁(P⁻¹H)) is run as a
+For each packing k, the `paper` preset (Adam, λ₁(P⁻¹H) every ``--every`` steps) is run as a
 study of exactly k trials (k variants at one learning rate) with
 ``resources.gpu = 1/k``, so all k share one GPU at once.  Throughput is the
 sum of the trials' steps over the wall time of the Tune run (trial start-up
@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="npz file (default: built-in synthetic data)")
     p.add_argument("--storage", default="results/bench-tune")
     p.add_argument("--cpus", type=int, default=None)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--every", type=int, default=1, help="sharpness.every: probe every N steps (1: every step)")
+    p.add_argument("--hessian-batch", type=int, default=None, help="sharpness.hessian_batch (default: --batch)")
+    p.add_argument("--json", help="write the results here (rewritten after every packing)")
     args = p.parse_args(argv)
 
     gpus = torch.cuda.device_count()
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
             "resources": {"gpu": (1.0 / k) if gpus else 0, "cpu": 1, "max_concurrent": k},
             "model": {"preset": args.preset},
             "data": {**data, "batch_size": args.batch},
-            "sharpness": {"hessian_batch": args.batch},
+            "sharpness": {"hessian_batch": args.hessian_batch or args.batch, "every": args.every},
             "train": {"steps": args.steps, "checkpoint_every": 10_000, "print_every": 0},
         }
         spec = load_spec("paper", overrides=[overrides])
@@ -70,12 +72,15 @@ def main(argv=None) -> int:
                      "statuses": pd.Series(outcome.trials.column("status").to_pylist()).value_counts().to_dict()})
         print(f"{k} per GPU: {trial_steps} trial-steps in {wall:.1f} s "
               f"({trial_steps / wall:.2f}/s; {trial_steps / train_wall:.2f}/s of training time)", flush=True)
+        if args.json:   # partial results survive a run cut short
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=2, default=str))
 
     for r in rows:
         r["speedup_vs_1"] = r["steps_per_s"] / rows[0]["steps_per_s"]
         r["train_speedup_vs_1"] = r["train_steps_per_s"] / rows[0]["train_steps_per_s"]
     dev = torch.cuda.get_device_name(0) if gpus else platform.processor() or "cpu"
-    print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, per-step λ₁(P⁻¹H), {dev}")
+    cadence = "every step" if args.every == 1 else f"every {args.every} steps"
+    print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, λ₁(P⁻¹H) {cadence}, {dev}")
     print("| trials per GPU | trial-steps | wall s | trial-steps/s | speed-up | speed-up (training time only) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -83,7 +88,8 @@ def main(argv=None) -> int:
               f"{r['speedup_vs_1']:.2f}× | {r['train_speedup_vs_1']:.2f}× |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "date": str(date.today()), "preset": args.preset,
-                                               "batch": args.batch, "steps": args.steps, "rows": rows}, indent=2))
+                                               "batch": args.batch, "steps": args.steps, "every": args.every,
+                                               "rows": rows}, indent=2, default=str))
     return 0
 
 
