@@ -24,6 +24,7 @@ def test_defaults_validate_and_round_trip():
     ({"variant": {"name": "nope"}}, "variant.name"),
     ({"sharpness": {"block_size": 1}}, "sharpness.block_size"),
     ({"sharpness": {"topk": 5}}, "sharpness.topk"),
+    ({"sharpness": {"hvp": "finite_differences"}}, "sharpness.hvp"),
     ({"train": {"steps": 0}}, "train.steps"),
     ({"train": {"device": "tpu"}}, "train.device"),
     ({"train": {"stepz": 3}}, "train.stepz"),

@@ -256,6 +256,17 @@ def test_warm_start_needs_fewer_products_while_training_slowly():
     assert totals[True] < 0.75 * totals[False]
 
 
+@pytest.mark.parametrize("hvp", ["forward_over_reverse", "forward_over_reverse_vmap", "double_backward_batched"])
+def test_hvp_setting_selects_the_product_and_gives_the_same_lambda(hvp):
+    model, loss = unet_blocks_problem()
+    true = top_eigenvalues(dense_hessian(model, loss), 1)[0]
+    ocfg = OptimConfig(name="gd", lr=0.01)
+    probe = SharpnessProbe(SharpnessConfig(hvp=hvp, **TIGHT), ocfg)
+    assert probe.method == hvp
+    cols = probe.measure(model, loss, build_optimizer(ocfg, model.parameters()), 0.01)
+    assert abs(cols["lambda_max"] - true) <= 1e-5 * true
+
+
 def test_warm_start_follows_the_changing_preconditioner():
     """H = 100 hhᵀ + small: the top eigenvector of P^{-1/2}HP^{-1/2} is ∝ P^{-1/2}h,
     so when Adam's v̂ changes, the transported start (D_new/D_old)·y is already
