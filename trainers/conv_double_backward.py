@@ -41,53 +41,42 @@ def _conv_backward(gy, x, w, stride, padding, dilation, groups, mask):
                                                mask)
 
 
-class _InputGrad(torch.autograd.Function):
-    """dx = dgrad(gy, w) for the convolution of an input shaped like ``x``."""
+INPUT, WEIGHT = 0, 1   # which output of the convolution backward
+
+
+class _ConvBackward(torch.autograd.Function):
+    """One output of the backward of y = conv(x, w), differentiable once:
+    ``INPUT``: dx = dgrad(gy, w); ``WEIGHT``: dw = wgrad(x, gy)."""
 
     @staticmethod
-    def forward(ctx, gy, w, x, stride, padding, dilation, groups):
-        ctx.save_for_backward(gy, w, x)
-        ctx.conf = (stride, padding, dilation, groups)
-        return _conv_backward(gy, x, w, stride, padding, dilation, groups, [True, False, False])[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, ggx):
-        gy, w, x = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
-        d_gy = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_gy = F.conv2d(ggx, w, None, stride, padding, dilation, groups)
-        if ctx.needs_input_grad[1]:
-            d_w = _conv_backward(gy, ggx, w, stride, padding, dilation, groups, [False, True, False])[1]
-        return d_gy, d_w, None, None, None, None, None
-
-
-class _WeightGrad(torch.autograd.Function):
-    """dw = wgrad(x, gy) for a weight shaped like ``w``."""
-
-    @staticmethod
-    def forward(ctx, x, gy, w, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, gy, w)
-        ctx.conf = (stride, padding, dilation, groups)
-        return _conv_backward(gy, x, w, stride, padding, dilation, groups, [False, True, False])[1]
+    def forward(ctx, which, gy, x, w, stride, padding, dilation, groups):
+        ctx.save_for_backward(gy, x, w)
+        ctx.which, ctx.conf = which, (stride, padding, dilation, groups)
+        mask = [which == INPUT, which == WEIGHT, False]
+        return _conv_backward(gy, x, w, stride, padding, dilation, groups, mask)[which]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, ggw):
-        x, gy, w = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conf
-        d_x = d_gy = None
-        if ctx.needs_input_grad[0]:
-            d_x = _conv_backward(gy, x, ggw, stride, padding, dilation, groups, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            d_gy = F.conv2d(x, ggw, None, stride, padding, dilation, groups)
-        return d_x, d_gy, None, None, None, None, None
+    def backward(ctx, gg):
+        gy, x, w = ctx.saved_tensors
+        conf = ctx.conf
+        d_gy = d_x = d_w = None
+        if ctx.which == INPUT:    # dx is bilinear in (gy, w)
+            if ctx.needs_input_grad[1]:
+                d_gy = F.conv2d(gg, w, None, *conf)
+            if ctx.needs_input_grad[3]:
+                d_w = _conv_backward(gy, gg, w, *conf, [False, True, False])[1]
+        else:                     # dw is bilinear in (x, gy)
+            if ctx.needs_input_grad[1]:
+                d_gy = F.conv2d(x, gg, None, *conf)
+            if ctx.needs_input_grad[2]:
+                d_x = _conv_backward(gy, x, gg, *conf, [True, False, False])[0]
+        return None, d_gy, d_x, d_w, None, None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
-    """conv2d (zero padding) with a differentiable backward made of
-    :class:`_InputGrad` and :class:`_WeightGrad`."""
+    """conv2d (zero padding) with a differentiable backward made of two
+    :class:`_ConvBackward` outputs."""
 
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, dilation, groups):
@@ -100,8 +89,8 @@ class _Conv2d(torch.autograd.Function):
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         conf = ctx.conf
-        dx = _InputGrad.apply(gy, w, x, *conf) if ctx.needs_input_grad[0] else None
-        dw = _WeightGrad.apply(x, gy, w, *conf) if ctx.needs_input_grad[1] else None
+        dx = _ConvBackward.apply(INPUT, gy, x, w, *conf) if ctx.needs_input_grad[0] else None
+        dw = _ConvBackward.apply(WEIGHT, gy, x, w, *conf) if ctx.needs_input_grad[1] else None
         db = gy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None
 
