@@ -46,7 +46,7 @@ from trainers.hessian import METHODS, HessianOperator, flatten, hessian_vector_p
 from trainers.lobpcg import lobpcg  # noqa: E402
 from trainers.optimizers import adam_preconditioner, build_optimizer  # noqa: E402
 from trainers.schedules import NoiseSchedule  # noqa: E402
-from trainers.sharpness import SharpnessProbe, exact_float32  # noqa: E402
+from trainers.sharpness import SharpnessProbe, exact_float32, warm_start_transport  # noqa: E402
 from trainers.unet import build_unet, count_parameters  # noqa: E402
 from trainers.variants import build_variant  # noqa: E402
 
@@ -448,9 +448,9 @@ def lanczos_cold(pb: Problem, args, lam_ref):
 class WarmPolicy:
     """One way of warm-starting and stopping the per-step solve."""
 
-    def __init__(self, label, tol, guard_tol=None, transport=False, method="double_backward", operators=("P⁻¹H",)):
+    def __init__(self, label, tol, guard_tol=None, transport=False, operators=("P⁻¹H",)):
         self.label, self.tol, self.guard_tol = label, tol, guard_tol
-        self.transport, self.method, self.operators = transport, method, operators
+        self.transport, self.operators = transport, operators
 
 
 def warm_policies(args):
@@ -474,8 +474,8 @@ def part_warm(pb: Problem, args, out: list, refs, t_grad: float, t_hvp: float):
 
     'transported' warm starts carry the λ₁(P⁻¹H) vectors over to the new
     preconditioner (y ← (D_new / D_old) y, D = P^{-1/2}; see
-    ``SharpnessProbe._transport``).  Seconds include building the gradient
-    graph once per step for the double-backward methods."""
+    :func:`trainers.sharpness.warm_start_transport`).  Seconds include building
+    the gradient graph once per step."""
     device = pb.device
     n = sum(p.numel() for p in pb.params)
     dtype = pb.params[0].dtype
@@ -522,18 +522,13 @@ def part_warm(pb: Problem, args, out: list, refs, t_grad: float, t_hvp: float):
                         continue
                     X0 = warm[(name, pol.label)]
                     if pol.transport and name == "P⁻¹H":
-                        X0 = (d / d_prev) * X0
-                    if pol.method == "double_backward":
-                        pop, extra = op, t_build
-                    else:
-                        Hm = HessianOperator(pb.loss, pb.params, method=pol.method, model=pb.model)
-                        pop, extra = (precond_operator(Hm, d) if name == "P⁻¹H" else Hm), 0.0
-                    res, traj, secs = run_lobpcg(pop, X0, n, dtype, device, args, guard_tol=pol.guard_tol,
+                        X0 = warm_start_transport(d, d_prev) * X0
+                    res, traj, secs = run_lobpcg(op, X0, n, dtype, device, args, guard_tol=pol.guard_tol,
                                                  tol=pol.tol)
                     warm[(name, pol.label)] = res.vectors
                     acc = first_accurate(traj, lam_ref)
                     err = abs(float(res.eigenvalues[0]) - lam_ref) / abs(lam_ref)
-                    stats.setdefault((pol.label, name), []).append((res.products, acc, err, secs + extra,
+                    stats.setdefault((pol.label, name), []).append((res.products, acc, err, secs + t_build,
                                                                     res.converged, traj[0][2]))
                     line.append(f"{pol.label}: {res.products} HVPs, err {err:.1e}")
                 if args.warm_power:

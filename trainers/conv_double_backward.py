@@ -7,12 +7,13 @@ gradient of the backward's input gradient, as a convolution of the batch-
 and channel-transposed activations with a kernel as large as the feature map
 (32×32 here).  cuDNN runs that shape on a slow generic kernel
 (``implicit_convolve_sgemm``): on an H100 with the 35.7M-parameter DDPM
-U-Net at batch 128 it took 191 of the 584 ms of one product
+U-Net at batch 128 it took 191 of the 583 ms of one product
 (``bench/hvp_profile.py``, 2026-11-24).
 
-Here the backward of a convolution y = conv(x, w) is written with two small
-autograd functions, each of whose own backward is one forward convolution
-plus one ordinary data- or weight-gradient kernel:
+Here the two outputs of the backward of a convolution y = conv(x, w) are
+computed by a small autograd function (:class:`_ConvBackward`) whose own
+backward is one forward convolution plus one ordinary data- or
+weight-gradient kernel:
 
 * ``dx = dgrad(gy, w)``: ∂/∂gy = conv(ggx, w), ∂/∂w = wgrad(ggx, gy);
 * ``dw = wgrad(x, gy)``: ∂/∂gy = conv(x, ggw), ∂/∂x = dgrad(gy, ggw).
@@ -28,6 +29,7 @@ builds the gradient graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -102,6 +104,10 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b=None, stride=(1, 1), padding=(0, 
     return _Conv2d.apply(x, w, b, list(pair(stride)), list(pair(padding)), list(pair(dilation)), groups)
 
 
+def _module_forward(mod: nn.Conv2d, x, w, b):
+    return conv2d(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
 def supported(module: nn.Conv2d) -> bool:
     return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
@@ -113,8 +119,7 @@ def fast_double_backward(model: nn.Module) -> Iterator[int]:
     switched = []
     for m in model.modules():
         if supported(m) and "_conv_forward" not in m.__dict__:
-            m._conv_forward = (lambda mod: lambda x, w, b: conv2d(x, w, b, mod.stride, mod.padding, mod.dilation,
-                                                                   mod.groups))(m)
+            m._conv_forward = functools.partial(_module_forward, m)
             switched.append(m)
     try:
         yield len(switched)

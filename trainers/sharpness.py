@@ -123,17 +123,12 @@ class SharpnessProbe:
         return res
 
     def _transport(self, d: torch.Tensor, n: int, device) -> Optional[torch.Tensor]:
-        """Carry the last λ₁(P⁻¹H) vectors over to the new preconditioner.
-
-        With D = P^{-1/2}, the top eigenvector y of the symmetric D H D satisfies
-        H (D y) = λ P (D y).  When one direction h dominates the curvature
-        (H ≈ λ₁ h hᵀ + smaller terms), y ∝ D h: the gradient-space direction h
-        moves little between steps, D does (v̂ averages squared gradients), so
-        the warm start is y' = D_new h = (D_new / D_old) y rather than y."""
+        """Rescaling of the last λ₁(P⁻¹H) vectors to the current D = P^{-1/2}
+        (:func:`warm_start_transport`), or None without a previous solve."""
         old = self.warm_scale
         if old is None or old.shape[0] != n:
             return None
-        return d / old.to(device=device, dtype=d.dtype)
+        return warm_start_transport(d, old.to(device=device, dtype=d.dtype))
 
     def _rademacher(self, n: int, m: int, dtype, device) -> torch.Tensor:
         z = torch.randint(0, 2, (n, m), generator=self.generator, dtype=torch.int8)
@@ -161,7 +156,7 @@ class SharpnessProbe:
                             return d * H(d * Y)
                         main = self._solve("precond", precond_op, n, dtype, device,
                                            transport=self._transport(d, n, device))
-                        self.warm_scale = d.detach().clone()
+                        self.warm_scale = d   # a fresh tensor: nothing else holds it
                         cols["lambda_precond"] = float(main.eigenvalues[0])
                         cols["ratio"] = cols["lambda_precond"] / threshold
                 if not self.preconditioned or self.cfg.plain_lambda or main is None:
@@ -182,6 +177,17 @@ class SharpnessProbe:
                 cols["batch_sharpness"] = batch_sharpness(batch_loss_fn, params, model)
         self.probes += 1
         return cols
+
+
+def warm_start_transport(d_new: torch.Tensor, d_old: torch.Tensor) -> torch.Tensor:
+    """Factor that carries λ₁(P⁻¹H) vectors from D_old to D_new (D = P^{-1/2}).
+
+    The top eigenvector y of the symmetric D H D satisfies H (D y) = λ P (D y).
+    When one direction h dominates the curvature (H ≈ λ₁ h hᵀ + smaller
+    terms), y ∝ D h: the gradient-space direction h moves little between
+    steps, D does (v̂ averages squared gradients), so the warm start is
+    y' = D_new h = (D_new / D_old) y rather than y."""
+    return d_new / d_old
 
 
 def batch_sharpness(loss_fn: LossFn, params, model: Optional[nn.Module] = None) -> float:
