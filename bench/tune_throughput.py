@@ -1,6 +1,6 @@
 """Aggregate trial-steps per second of a Ray Tune sweep with 1, 2 and 4 trials per GPU.
 
-    python bench/tune_throughput.py [--preset small] [--steps 60] [--per-gpu 1 2 4] [--every 1] [--json out.json]
+    python bench/tune_throughput.py [--preset small] [--steps 60] [--per-gpu 1 2 4] [--every 1] [--mps] [--json out.json]
 
 For each packing k, the `paper` preset (Adam, λ₁(P⁻¹H) every ``--every`` steps) is run as a
 study of exactly k trials (k variants at one learning rate) with
@@ -8,13 +8,22 @@ study of exactly k trials (k variants at one learning rate) with
 sum of the trials' steps over the wall time of the Tune run (trial start-up
 included) and, separately, over the trials' own training time (from the step
 log's wall_time); the speed-up over k = 1 is measured in the same run.
+
+Processes sharing a GPU time-slice it: one trial's kernels run at a time.
+``--mps`` runs the sweep under an NVIDIA MPS control daemon of its own
+(private pipe and log directories, stopped at exit; the GPU's compute mode is
+not touched), so that kernels of the trials on one GPU run concurrently.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
+import subprocess
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -24,12 +33,37 @@ import pandas as pd
 VARIANTS = ["base", "edm", "vparam", "snr", "pd", "adap_s", "stf"]
 
 
+@contextlib.contextmanager
+def cuda_mps(enabled: bool):
+    """An MPS control daemon for the CUDA processes started inside the block
+    (Ray's workers inherit the pipe directory from this process's
+    environment); quit and the environment restored on exit."""
+    if not enabled:
+        yield
+        return
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if exe is None:
+        raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it ships with the NVIDIA driver)")
+    root = tempfile.mkdtemp(prefix="eos-mps-")
+    env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(root, "pipe"), "CUDA_MPS_LOG_DIRECTORY": os.path.join(root, "log")}
+    saved = {k: os.environ.get(k) for k in env}
+    for d in env.values():
+        os.makedirs(d)
+    os.environ.update(env)
+    try:
+        subprocess.run([exe, "-d"], check=True)
+        print(f"[bench] MPS control daemon started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
+        yield
+    finally:
+        subprocess.run([exe], input=b"quit\n", check=False)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv=None) -> int:
-    import torch
-
-    from study.runner import run_study
-    from study.spec import load_spec
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="U-Net preset of the trials")
     p.add_argument("--steps", type=int, default=60)
@@ -41,7 +75,17 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=1, help="sharpness.every: probe every N steps (1: every step)")
     p.add_argument("--hessian-batch", type=int, default=None, help="sharpness.hessian_batch (default: --batch)")
     p.add_argument("--json", help="write the results here (rewritten after every packing)")
+    p.add_argument("--mps", action="store_true", help="run the trials under an MPS daemon (concurrent kernels)")
     args = p.parse_args(argv)
+    with cuda_mps(args.mps):   # before this process or a trial touches CUDA
+        return sweep(args)
+
+
+def sweep(args) -> int:
+    import torch
+
+    from study.runner import run_study
+    from study.spec import load_spec
 
     gpus = torch.cuda.device_count()
     rows = []
@@ -80,7 +124,8 @@ def main(argv=None) -> int:
         r["train_speedup_vs_1"] = r["train_steps_per_s"] / rows[0]["train_steps_per_s"]
     dev = torch.cuda.get_device_name(0) if gpus else platform.processor() or "cpu"
     cadence = "every step" if args.every == 1 else f"every {args.every} steps"
-    print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, λ₁(P⁻¹H) {cadence}, {dev}")
+    sharing = "MPS" if args.mps else "time-sliced (no MPS)"
+    print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, λ₁(P⁻¹H) {cadence}, {dev}, GPU sharing: {sharing}")
     print("| trials per GPU | trial-steps | wall s | trial-steps/s | speed-up | speed-up (training time only) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -88,7 +133,7 @@ def main(argv=None) -> int:
               f"{r['speedup_vs_1']:.2f}× | {r['train_speedup_vs_1']:.2f}× |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "date": str(date.today()), "preset": args.preset,
-                                               "batch": args.batch, "steps": args.steps, "every": args.every,
+                                               "batch": args.batch, "steps": args.steps, "every": args.every, "mps": args.mps,
                                                "rows": rows}, indent=2, default=str))
     return 0
 
