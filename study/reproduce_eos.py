@@ -22,7 +22,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from trainers.config import merge, run_config
+from trainers.config import SharpnessConfig, merge, run_config
 
 
 def base_config(args) -> dict:
@@ -31,8 +31,10 @@ def base_config(args) -> dict:
     return {
         "model": {"preset": args.preset, "dropout": 0.0},
         "data": {**data, "image_size": args.image_size, "batch_size": args.batch, "batching": "fixed", "flip": False},
-        "sharpness": {"every": args.every, "hessian_batch": args.batch, "block_size": args.block, "topk": 1,
-                      "tol": 1e-3, "max_iters": 60},
+        "sharpness": {"every": args.every, "hessian_batch": args.batch,
+                      "block_size": args.block if args.block is not None else max(2, args.topk + 1),
+                      "topk": args.topk, "tol": args.tol, "max_iters": 60,
+                      "batch_sharpness": args.batch_sharpness},
         "train": {"steps": args.steps, "fixed_noise": True, "checkpoint_every": 10_000, "print_every": 50,
                   "seed": 0, "device": args.device},
     }
@@ -65,13 +67,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--every", type=int, default=5, help="probe λ₁ every N steps")
-    p.add_argument("--block", type=int, default=2, help="LOBPCG block size")
+    p.add_argument("--block", type=int, default=None, help="LOBPCG block size (default: max(2, topk + 1))")
+    p.add_argument("--topk", type=int, default=1, help="eigenvalues recorded per probe (λ₁ … λ_k)")
+    p.add_argument("--tol", type=float, default=SharpnessConfig().tol,
+                   help="relative residual at which a λ estimate stops (λ error ≈ tol²)")
+    p.add_argument("--batch-sharpness", action="store_true",
+                   help="also log gᵀHg/‖g‖², the curvature along the gradient step")
     p.add_argument("--minutes", type=float, default=6.0, help="wall-time limit per run")
-    p.add_argument("--gd-multiples", type=float, nargs="+", default=[2.0, 4.0],
+    p.add_argument("--gd-multiples", type=float, nargs="*", default=[2.0, 4.0],
                    help="GD runs at 2/η = multiple × λ₀")
-    p.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-4, 4e-4])
+    p.add_argument("--adam-lrs", type=float, nargs="*", default=[1e-4, 4e-4])
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if not args.gd_multiples and not args.adam_lrs:
+        p.error("nothing to run: give --gd-multiples and/or --adam-lrs")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,36 +109,69 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_summary(name: str, steps, cfg: dict, status: str) -> dict:
+    """One row of the summary table for a run's step log (``steps`` with the
+    ``lambda`` column and, where logged, ``topk`` and ``batch_sharpness``).
+
+    Statistics are over the second half of the measured steps (after the
+    progressive-sharpening transient): λ₁/threshold, its median on even and
+    on odd steps (GD at the edge of stability oscillates with period 2, so a
+    probe every 2nd or 4th step sees one phase only), λ₂/threshold, how many
+    of the recorded top eigenvalues exceed the threshold, and the curvature
+    along the gradient gᵀHg/‖g‖² over the threshold (GD runs)."""
+    import numpy as np
+
+    from analysis.metrics import trial_metrics
+
+    lam = steps.dropna(subset=["lambda"])
+    tail = lam[lam["step"] >= lam["step"].max() * 0.5]
+    ratio = tail["lambda"] / tail["threshold"]
+    m = trial_metrics(steps)
+    row = {"run": name, "optimizer": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
+           "threshold": float(lam["threshold"].iloc[-1]), "steps": int(steps["step"].max() + 1), "status": status,
+           "lambda_start": float(lam["lambda"].iloc[0]),
+           "ratio_2nd_half_median": float(ratio.median()),
+           "ratio_2nd_half_min": float(ratio.min()), "ratio_2nd_half_max": float(ratio.max()),
+           "ratio_even_steps": float(ratio[tail["step"] % 2 == 0].median()),
+           "ratio_odd_steps": float(ratio[tail["step"] % 2 == 1].median()),
+           **{k: m.get(k) for k in ("onset_step", "frac_near_threshold", "peak_ratio")}}
+    if "topk" in tail and tail["topk"].map(lambda v: v is not None and len(v) > 1).all():
+        top = np.stack([np.asarray(v, dtype=float) for v in tail["topk"]])
+        thr = tail["threshold"].to_numpy(dtype=float)[:, None]
+        row["lambda2_ratio_median"] = float(np.median(top[:, 1] / thr[:, 0]))
+        row["eigs_above_threshold_median"] = float(np.median((top > thr).sum(axis=1)))
+        row["k_recorded"] = int(top.shape[1])
+    # gᵀHg/‖g‖² is the curvature of plain H along the gradient step: compared with 2/η for GD
+    # (Adam's step is preconditioned, and its threshold applies to P⁻¹H)
+    if cfg["optim"]["name"] == "gd" and "batch_sharpness" in tail and tail["batch_sharpness"].notna().any():
+        row["grad_curvature_ratio_median"] = float((tail["batch_sharpness"] / tail["threshold"]).median())
+    return row
+
+
 def summarize(out: Path, names: list[str]) -> None:
     """Figures (λ vs threshold, ratio) and a Markdown table for the runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     import pandas as pd
 
-    from analysis.load import load_run
-    from analysis.metrics import trial_metrics, with_lambda
+    from analysis.load import ANALYSIS_COLUMNS, load_run
+    from analysis.metrics import with_lambda
     from analysis.report import markdown_table
 
     rows, frames = [], []
     for name in names:
-        study = load_run(out / name)
+        study = load_run(out / name, columns=(*ANALYSIS_COLUMNS, "topk"))
         steps = with_lambda(study.steps)
         steps["run"] = name
         frames.append(steps)
-        m = trial_metrics(study.steps)
         cfg = json.loads((out / name / "config.json").read_text())
-        lam = steps.dropna(subset=["lambda"])
-        if lam.empty:
+        if steps["lambda"].isna().all():
             print(f"[eos-check] {name}: no λ₁ measured (stopped after {len(steps)} steps)", flush=True)
             continue
-        tail = lam[lam["step"] >= lam["step"].max() * 0.5]
-        rows.append({"run": name, "optimizer": cfg["optim"]["name"], "lr": cfg["optim"]["lr"],
-                     "threshold": float(lam["threshold"].iloc[-1]), "steps": int(steps["step"].max() + 1),
-                     "status": json.loads((out / name / "status.json").read_text())["status"],
-                     "lambda_start": float(lam["lambda"].iloc[0]),
-                     "ratio_2nd_half_median": float((tail["lambda"] / tail["threshold"]).median()),
-                     **{k: m.get(k) for k in ("onset_step", "fraction_near_threshold", "peak_ratio")}})
+        status = json.loads((out / name / "status.json").read_text())["status"]
+        rows.append(run_summary(name, steps, cfg, status))
     if not rows:
         return
     table = pd.DataFrame(rows).round(4)
@@ -137,18 +179,29 @@ def summarize(out: Path, names: list[str]) -> None:
     print(table.to_string(index=False), flush=True)
 
     data = pd.concat(frames)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, opt in zip(axes, ("gd", "adam")):
+    opts = [o for o in ("gd", "adam") if any(n.startswith(o) for n in names)]
+    fig, axes = plt.subplots(1, len(opts), figsize=(6 * len(opts), 4.2), squeeze=False)
+    for ax, opt in zip(axes[0], opts):
         for i, name in enumerate(n for n in names if n.startswith(opt)):
             d = data[data["run"] == name].dropna(subset=["lambda"])
             color = f"C{i}"
-            ax.plot(d["step"], d["lambda"], color=color, label=name)
+            ax.plot(d["step"], d["lambda"], color=color, linewidth=1.2, label=f"{name}: λ₁")
+            top = d["topk"].dropna() if "topk" in d else []
+            if len(top) and all(len(v) > 1 for v in top):
+                k = min(len(v) for v in top)
+                ev = np.stack([np.asarray(v[:k], dtype=float) for v in top])
+                for j in range(1, k):
+                    ax.plot(d.loc[top.index, "step"], ev[:, j], color=color, linewidth=0.6, alpha=0.6,
+                            label=f"{name}: λ₂…λ{k}" if j == 1 else None)
+            if opt == "gd" and "batch_sharpness" in d and d["batch_sharpness"].notna().any():
+                ax.plot(d["step"], d["batch_sharpness"], color=color, linestyle=":", linewidth=1,
+                        label=f"{name}: gᵀHg/‖g‖²")
             ax.plot(d["step"], d["threshold"], color=color, linestyle="--", linewidth=1)
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("λ₁(H)" if opt == "gd" else "λ₁(P⁻¹H)")
-        ax.set_title(("GD: λ₁ vs 2/η (dashed)" if opt == "gd" else "Adam: λ₁(P⁻¹H) vs 38/η (dashed)"))
-        ax.legend(fontsize=8)
+        ax.set_ylabel("λ(H)" if opt == "gd" else "λ₁(P⁻¹H)")
+        ax.set_title(("GD: top eigenvalues vs 2/η (dashed)" if opt == "gd" else "Adam: λ₁(P⁻¹H) vs 38/η (dashed)"))
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "eos_lambda.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
