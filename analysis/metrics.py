@@ -272,13 +272,37 @@ def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_ME
     return pd.DataFrame(rows)
 
 
-def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "threshold"),
+#: optimizers whose stability threshold applies to P⁻¹H (trainers.optimizers.is_preconditioned)
+PRECONDITIONED = ("adam", "adamw")
+
+
+def with_step_ratio(steps: pd.DataFrame, optimizer_of: pd.Series) -> pd.DataFrame:
+    """``steps`` plus ``step_ratio`` = batch sharpness / threshold: the
+    curvature gᵀHg/‖g‖² along the (unpreconditioned) gradient step over the
+    threshold, for GD and momentum trials; NaN for Adam/AdamW, whose step and
+    threshold belong to P⁻¹H, and where batch sharpness was not logged.
+    ``optimizer_of``: trial_id → optimizer name."""
+    out = steps.copy()
+    plain = ~out["trial_id"].map(optimizer_of).isin(PRECONDITIONED)
+    ratio = out["batch_sharpness"].astype(float) / out["threshold"].astype(float)
+    out["step_ratio"] = ratio.where(plain)
+    return out
+
+
+def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "threshold", "step_ratio"),
            confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Per variant × lr × step: mean and band over seeds of each column
     (``<c>_mean``, ``<c>_lo``, ``<c>_hi``, ``<c>_n``), from the finite values
-    at that step.  ``lambda`` is ratio × threshold."""
+    at that step.  ``lambda`` is ratio × threshold; ``step_ratio`` is
+    :func:`with_step_ratio` (all-NaN without batch sharpness)."""
     lr_of = study.trials.set_index("trial_id")["lr"]
     steps = with_lambda(study.steps)
+    if "step_ratio" in columns:
+        if "batch_sharpness" not in steps:
+            steps["batch_sharpness"] = np.nan
+        optimizer_of = (study.trials.set_index("trial_id")["optimizer"] if "optimizer" in study.trials
+                        else pd.Series(dtype=object))
+        steps = with_step_ratio(steps, optimizer_of)
     steps["lr"] = steps["trial_id"].map(lr_of)   # the trial's nominal lr (warm-up changes the logged one)
     keys = ["variant", "lr", "step"]
     parts = []

@@ -174,9 +174,11 @@ def plot_lambda(curves: pd.DataFrame, optimizers: Sequence[str] = (), title: str
     return fig
 
 
-def plot_ratio(curves: pd.DataFrame, title: str = "") -> Figure:
-    """λ₁/threshold of every variant on one axis per learning rate (log y),
-    with the threshold (ratio 1) and the ±10 % band around it."""
+def plot_ratio(curves: pd.DataFrame, title: str = "", column: str = "ratio", ylabel: str = "λ₁ / threshold") -> Figure:
+    """``column`` (default λ₁/threshold) of every variant on one axis per
+    learning rate (log y), with the threshold (ratio 1) and the ±10 % band
+    around it.  ``column="step_ratio"``: the curvature along the gradient
+    step over the threshold (:func:`analysis.metrics.with_step_ratio`)."""
     variants = sorted(curves["variant"].unique())
     lrs = sorted(curves["lr"].unique(), reverse=True)
     palette = _variant_palette(variants)
@@ -187,19 +189,21 @@ def plot_ratio(curves: pd.DataFrame, title: str = "") -> Figure:
             ax.axhline(1.0, color="black", linewidth=1.2, linestyle="--")
             for variant in variants:
                 c = curves[(curves["variant"] == variant) & (curves["lr"] == lr)]
-                c = thin(c.dropna(subset=["ratio_mean"]))
-                c = c[c["ratio_mean"] > 0]
+                c = thin(c.dropna(subset=[f"{column}_mean"]))
+                c = c[c[f"{column}_mean"] > 0]
                 if c.empty:
                     continue
-                _band(ax, c["step"], c["ratio_mean"], c["ratio_lo"].clip(lower=c["ratio_mean"].min() * 1e-3),
-                      c["ratio_hi"], palette[variant], linewidth=1.3)
+                _band(ax, c["step"], c[f"{column}_mean"],
+                      c[f"{column}_lo"].clip(lower=c[f"{column}_mean"].min() * 1e-3),
+                      c[f"{column}_hi"], palette[variant], linewidth=1.3)
             ax.set_title(lr_label(lr))
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel("λ₁ / threshold")
+            ax.set_ylabel(ylabel)
         axes[0, 0].set_yscale("log")   # shared y
-        _log_limits(axes[0, 0], curves["ratio_mean"], [0.9, 1.1], margin=1.5)
-        handles = [Line2D([], [], color=palette[v], label=v) for v in variants]
+        _log_limits(axes[0, 0], curves[f"{column}_mean"], [0.9, 1.1], margin=1.5)
+        shown = sorted(curves.loc[curves[f"{column}_mean"].notna(), "variant"].unique())   # colours as in other figures
+        handles = [Line2D([], [], color=palette[v], label=v) for v in shown]
         handles.append(Line2D([], [], color="black", linestyle="--", label="threshold (ratio 1)"))
         handles.append(Line2D([], [], color="0.85", linewidth=6, label="±10 %"))
         fig.legend(handles=handles, loc="outside right center", title="variant")

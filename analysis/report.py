@@ -31,6 +31,9 @@ FIGURE_CAPTIONS = {
               "learning rate's stability threshold.",
     "ratio": "λ₁/threshold of every variant, one axis per learning rate (log scale); the dashed line is the "
              "threshold and the grey band ±10 % around it.",
+    "step_ratio": "Curvature along the gradient step, gᵀHg/‖g‖² (batch sharpness), over the threshold, for GD "
+                  "and momentum trials (log scale): under GD it can sit at the threshold while λ₁ is above it "
+                  "(docs/results.md).",
     "loss": "Training loss, one panel per variant.",
     "heatmaps": "Mean EoS onset step and fraction of diverged seeds over variant × learning rate.",
     "fid": "Final FID of EMA samples against the learning rate.",
@@ -39,6 +42,8 @@ FIGURE_CAPTIONS = {
 DEFINITIONS = [
     ("ratio", "λ₁ / threshold, where λ₁ is the top eigenvalue of P⁻¹H for Adam/AdamW and of H otherwise, and "
               "the threshold is 2/η (GD), (2+2β)/η (momentum) or (2+2β₁)/((1−β₁)η) (Adam)."),
+    ("step curvature", "gᵀHg / ‖g‖² / threshold, the curvature of the training mini-batch loss along its own "
+                       "gradient (`sharpness.batch_sharpness`), for GD and momentum trials."),
     ("initial transient", "leading probed steps whose ratio is already ≥ 1 before it first drops below 1 "
                           "(Adam's preconditioner, built from a few gradients, starts λ₁(P⁻¹H) far above "
                           "threshold); the metrics below start after it."),
@@ -94,9 +99,14 @@ def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
     c, agg = tables.curves, tables.aggregate
     has_ratio = "ratio_n" in c and c["ratio_n"].sum() > 0
     has_loss = "loss_n" in c and c["loss_n"].sum() > 0
+    has_step = "step_ratio_n" in c and c["step_ratio_n"].sum() > 0
     makers = {
         "lambda": (lambda: P.plot_lambda(c, optimizers)) if has_ratio else None,
         "ratio": (lambda: P.plot_ratio(c)) if has_ratio else None,
+        "step_ratio": (lambda: P.plot_ratio(
+            c, column="step_ratio", ylabel="gᵀHg/‖g‖² / threshold",
+            title="Step curvature gᵀHg/‖g‖² / threshold (mean, 95% CI)"))
+        if has_step else None,
         "loss": (lambda: P.plot_loss(c)) if has_loss else None,
         "heatmaps": (lambda: P.plot_heatmaps(agg)) if len(agg) else None,
         "fid": (lambda: P.plot_fid(agg)) if len(agg) else None,

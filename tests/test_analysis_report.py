@@ -95,3 +95,32 @@ def test_search_over_many_learning_rates_is_binned(tmp_path):
     md = paths.markdown.read_text(encoding="utf-8")
     assert "equal bins of log₁₀ lr" in md
     assert len(pd.read_csv(paths.summary_csv)) <= 8 and len(pd.read_csv(paths.per_trial_csv)) == 12
+
+
+def test_step_curvature_curve_and_figure_for_gd_trials_only(tmp_path):
+    """gᵀHg/‖g‖² over the threshold is averaged for GD trials and left out for
+    Adam (whose threshold belongs to P⁻¹H); the report draws it when present."""
+    from analysis.load import load
+    from analysis.metrics import curves
+    from analysis_fixtures import write_steps
+
+    gd, adam = SyntheticTrial("base", 1e-3, 0, steps=20, onset=10), SyntheticTrial("edm", 1e-3, 0, steps=20, onset=10)
+    study_dir = tmp_path / "s"
+    for t, factor in ((gd, 0.9), (adam, 0.5)):
+        rows = t.rows()
+        for r in rows:
+            r["batch_sharpness"] = factor * r["threshold"] if r["step"] % 2 == 0 else None
+        write_steps(study_dir / "steps" / f"variant={t.variant}" / f"trial={t.trial_id}", rows)
+    trials = pd.DataFrame([gd.trial_row(), adam.trial_row()])
+    trials.loc[0, "optimizer"] = "gd"
+    trials.to_parquet(study_dir / "trials.parquet")
+
+    c = curves(load(study_dir))
+    base, edm = c[c["variant"] == "base"], c[c["variant"] == "edm"]
+    logged = base["step"] % 2 == 0
+    assert np.allclose(base.loc[logged, "step_ratio_mean"], 0.9) and (base.loc[logged, "step_ratio_n"] == 1).all()
+    assert (base.loc[~logged, "step_ratio_n"] == 0).all()
+    assert (edm["step_ratio_n"] == 0).all()
+    paths = build_report(study_dir, tmp_path / "out", quiet=True)
+    assert "step_ratio" in paths.figures and paths.figures["step_ratio"].png.stat().st_size > 0
+    assert "step curvature" in paths.markdown.read_text(encoding="utf-8")
