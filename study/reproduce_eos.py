@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     return 0
 
 
+SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
 def run_summary(name: str, steps, cfg: dict, status: str) -> dict:
     """One row of the summary table for a run's step log (``steps`` with the
     ``lambda`` column and, where logged, ``topk`` and ``batch_sharpness``).
@@ -192,7 +195,8 @@ def summarize(out: Path, names: list[str]) -> None:
                 ev = np.stack([np.asarray(v[:k], dtype=float) for v in top])
                 for j in range(1, k):
                     ax.plot(d.loc[top.index, "step"], ev[:, j], color=color, linewidth=0.6, alpha=0.6,
-                            label=f"{name}: λ₂…λ{k}" if j == 1 else None)
+                            label=(f"{name}: λ₂" + (f"…λ{str(k).translate(SUBSCRIPT)}" if k > 2 else ""))
+                            if j == 1 else None)
             if opt == "gd" and "batch_sharpness" in d and d["batch_sharpness"].notna().any():
                 ax.plot(d["step"], d["batch_sharpness"], color=color, linestyle=":", linewidth=1,
                         label=f"{name}: gᵀHg/‖g‖²")
