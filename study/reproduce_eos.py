@@ -5,8 +5,11 @@
 1. Pilot: λ₁(H) of the fixed-batch diffusion loss at initialisation (λ₀).
 2. Gradient descent on that fixed batch (fixed x₀, t and noise: one
    deterministic objective) at learning rates whose threshold 2/η sits at
-   several multiples of λ₀: λ₁ rises (progressive sharpening) until it
-   reaches 2/η and then hovers there (Cohen et al. 2021).
+   several multiples of λ₀: λ₁ rises (progressive sharpening) past 2/η and,
+   after an overshoot in which several eigenvalues exceed 2/η, settles just
+   above it (Cohen et al. 2021; docs/results.md).  ``--topk`` records λ₂…λ_k,
+   ``--batch-sharpness`` the curvature gᵀHg/‖g‖² along GD's step, which sits
+   at 2/η from the onset on.
 3. Adam on the same objective: λ₁(P⁻¹H) settles near 38/η (Cohen et al. 2022).
 
 All runs go in parallel processes on one device, each stopped at ``--minutes``
