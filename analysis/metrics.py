@@ -42,6 +42,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.load import Study
+from trainers.config import PRECONDITIONED_OPTIMIZERS
 
 MAX_LEARNING_RATES = 8  # more distinct lrs (an Optuna search) are binned for the variant × lr tables
 
@@ -272,18 +273,17 @@ def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_ME
     return pd.DataFrame(rows)
 
 
-#: optimizers whose stability threshold applies to P⁻¹H (trainers.optimizers.is_preconditioned)
-PRECONDITIONED = ("adam", "adamw")
-
-
 def with_step_ratio(steps: pd.DataFrame, optimizer_of: pd.Series) -> pd.DataFrame:
     """``steps`` plus ``step_ratio`` = batch sharpness / threshold: the
     curvature gᵀHg/‖g‖² along the (unpreconditioned) gradient step over the
     threshold, for GD and momentum trials; NaN for Adam/AdamW, whose step and
-    threshold belong to P⁻¹H, and where batch sharpness was not logged.
-    ``optimizer_of``: trial_id → optimizer name."""
+    threshold belong to P⁻¹H, and where batch sharpness was not logged
+    (or not loaded).  ``optimizer_of``: trial_id → optimizer name."""
     out = steps.copy()
-    plain = ~out["trial_id"].map(optimizer_of).isin(PRECONDITIONED)
+    plain = ~out["trial_id"].map(optimizer_of).isin(PRECONDITIONED_OPTIMIZERS)
+    if "batch_sharpness" not in out:
+        out["step_ratio"] = np.nan
+        return out
     ratio = out["batch_sharpness"].astype(float) / out["threshold"].astype(float)
     out["step_ratio"] = ratio.where(plain)
     return out
@@ -298,8 +298,6 @@ def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "t
     lr_of = study.trials.set_index("trial_id")["lr"]
     steps = with_lambda(study.steps)
     if "step_ratio" in columns:
-        if "batch_sharpness" not in steps:
-            steps["batch_sharpness"] = np.nan
         optimizer_of = (study.trials.set_index("trial_id")["optimizer"] if "optimizer" in study.trials
                         else pd.Series(dtype=object))
         steps = with_step_ratio(steps, optimizer_of)

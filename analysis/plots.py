@@ -23,6 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from trainers.config import PRECONDITIONED_OPTIMIZERS
+
 MAX_POINTS = 2000   # longer curves are averaged into this many step bins for drawing
 STYLE = "whitegrid"
 CONTEXT = "notebook"
@@ -77,9 +79,9 @@ def lr_label(lr: float) -> str:
 
 def lambda_label(optimizers: Sequence[str]) -> str:
     optimizers = {o for o in optimizers if isinstance(o, str)}
-    if optimizers and optimizers <= {"adam", "adamw"}:
+    if optimizers and optimizers <= set(PRECONDITIONED_OPTIMIZERS):
         return "λ₁(P⁻¹H)"
-    if optimizers and not optimizers & {"adam", "adamw"}:
+    if optimizers and not optimizers & set(PRECONDITIONED_OPTIMIZERS):
         return "λ₁(H)"
     return "λ₁ (of P⁻¹H for Adam, H otherwise)"
 

@@ -25,7 +25,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from trainers.config import SharpnessConfig, merge, run_config
+from trainers.config import PRECONDITIONED_OPTIMIZERS, SharpnessConfig, merge, run_config
 
 
 def base_config(args) -> dict:
@@ -147,9 +147,9 @@ def run_summary(name: str, steps, cfg: dict, status: str) -> dict:
         row["lambda2_ratio_median"] = float(np.median(top[:, 1] / thr[:, 0]))
         row["eigs_above_threshold_median"] = float(np.median((top > thr).sum(axis=1)))
         row["k_recorded"] = int(top.shape[1])
-    # gᵀHg/‖g‖² is the curvature of plain H along the gradient step: compared with 2/η for GD
-    # (Adam's step is preconditioned, and its threshold applies to P⁻¹H)
-    if cfg["optim"]["name"] == "gd" and "batch_sharpness" in tail and tail["batch_sharpness"].notna().any():
+    # gᵀHg/‖g‖² is the curvature of plain H along the gradient step: compared with the threshold of
+    # GD (Adam's step is preconditioned, and its threshold applies to P⁻¹H)
+    if cfg["optim"]["name"] not in PRECONDITIONED_OPTIMIZERS and "batch_sharpness" in tail and tail["batch_sharpness"].notna().any():
         row["grad_curvature_ratio_median"] = float((tail["batch_sharpness"] / tail["threshold"]).median())
     return row
 

@@ -105,6 +105,8 @@ class ScheduleConfig:
 
 
 OPTIMIZERS = ("gd", "momentum", "adam", "adamw")
+#: the optimizers whose stability threshold applies to P⁻¹H (P from the second-moment estimate) rather than H
+PRECONDITIONED_OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass

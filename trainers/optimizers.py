@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.config import OptimConfig
+from trainers.config import PRECONDITIONED_OPTIMIZERS, OptimConfig
 
 
 def gd_threshold(lr: float) -> float:
@@ -43,7 +43,7 @@ def stability_threshold(cfg: OptimConfig, lr: float | None = None) -> float:
 
 def is_preconditioned(cfg: OptimConfig) -> bool:
     """Whether the threshold applies to P⁻¹H (Adam family) rather than H."""
-    return cfg.name in ("adam", "adamw")
+    return cfg.name in PRECONDITIONED_OPTIMIZERS
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
