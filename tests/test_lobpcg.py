@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from curvature_fixtures import symmetric_with_spectrum
-from trainers.lobpcg import lobpcg, orthonormalize_against, svqb
+from trainers.lobpcg import lobpcg, lobpcg_verified, orthonormalize_against, svqb
 
 N = 300
 
@@ -184,3 +184,62 @@ def test_loose_guards_save_products_and_keep_the_top_eigenvalue():
         torch.testing.assert_close(r.eigenvalues[0], torch.tensor(10.0, dtype=torch.float64), rtol=1e-9, atol=0)
     # guards never refined: every iteration after the first costs exactly one product
     assert loose.products == 3 + loose.iterations
+
+
+# --- lobpcg_verified: search with an inexact operator, answer with the exact one
+
+
+def _perturbed(A, rel, seed):
+    """A fixed, non-symmetric perturbation of A of relative size ``rel`` (like
+    TF32 rounding: deterministic, not symmetric)."""
+    E = torch.randn(A.shape, generator=torch.Generator().manual_seed(seed), dtype=A.dtype)
+    return A + rel * torch.linalg.matrix_norm(A, 2) * E / torch.linalg.matrix_norm(E, 2)
+
+
+@pytest.mark.parametrize("kind", ["separated", "cluster"])
+@pytest.mark.parametrize("nwanted", [1, 2])
+def test_verified_solve_reports_exact_eigenvalues_and_residuals(nwanted, kind):
+    A = symmetric_with_spectrum(_spectrum(kind), seed=5)
+    F = _perturbed(A, 1e-4, seed=6)
+    true = torch.linalg.eigvalsh(A).flip(0)
+    tol = 1e-2
+    res = lobpcg_verified(lambda X: F @ X, lambda X: A @ X, n=N, k=3, nwanted=nwanted, tol=tol, max_iters=500,
+                          dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.fast_products > 0
+    assert res.products == res.fast_products + nwanted      # the check was enough: no exact search
+    X, theta = res.vectors[:, :nwanted], res.eigenvalues[:nwanted]
+    # reported values are the exact operator's: Rayleigh quotients and residuals recomputed here
+    torch.testing.assert_close(theta, torch.diagonal(X.T @ A @ X), rtol=1e-12, atol=0)
+    R = A @ X - X * theta[None, :]
+    torch.testing.assert_close(R.norm(dim=0) / theta.abs(), res.residuals[:nwanted], rtol=1e-6, atol=1e-13)
+    assert (res.residuals[:nwanted] <= tol).all()
+    torch.testing.assert_close(res.vectors.T @ res.vectors, torch.eye(3, dtype=A.dtype), rtol=0, atol=1e-10)
+    # Rayleigh–Ritz values of A: below the true eigenvalues (interlacing) and, with
+    # the top eigenvalues apart (10, 8, 7 over a bulk below 5), within
+    # ‖r‖² / gap ≤ 8 · residual² · λ (Kato–Temple) of them
+    assert ((true[:nwanted] - theta) >= -1e-12).all()
+    if kind == "separated":
+        assert ((true[:nwanted] - theta) / true[:nwanted] <= 8 * res.residuals[:nwanted] ** 2).all()
+
+
+def test_verified_solve_goes_on_exactly_when_the_search_is_too_inexact():
+    A = symmetric_with_spectrum(_spectrum("separated"), seed=7)
+    F = _perturbed(A, 0.05, seed=8)     # 5 % wrong: its eigenvectors miss A's by far more than tol
+    steps = []
+    res = lobpcg_verified(lambda X: F @ X, lambda X: A @ X, n=N, k=2, nwanted=1, tol=1e-6, fast_tol=1e-6,
+                          max_iters=200, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                          callback=lambda it, p, th, rel: steps.append((it, p, float(rel[0]))))
+    assert res.converged and res.residuals[0] <= 1e-6
+    assert res.products > res.fast_products + 1           # exact products beyond the check
+    assert abs(float(res.eigenvalues[0]) - 10.0) <= 1e-9
+    _check_against_dense(A, res, 1e-6, 1)
+    counts = [p for _, p, _ in steps]
+    assert counts == sorted(counts) and counts[-1] == res.products
+    # the exact check after the search is reported with the search's product count + 1
+    assert any(p == res.fast_products + 1 for _, p, _ in steps)
+
+
+def test_verified_solve_checks_its_fast_tolerance():
+    A = symmetric_with_spectrum(_spectrum("separated"), seed=7)
+    with pytest.raises(ValueError, match="fast_tol"):
+        lobpcg_verified(lambda X: A @ X, lambda X: A @ X, n=N, k=2, tol=1e-3, fast_tol=0.0, dtype=torch.float64)

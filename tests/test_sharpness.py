@@ -349,3 +349,29 @@ def test_warm_state_of_another_model_is_refused():
     probe.load_state_dict({"warm": {"plain": torch.zeros(5, 2, dtype=torch.float64)}})
     with pytest.raises(ValueError, match="trainable parameters"):
         probe.measure(model, loss, build_optimizer(ocfg, model.parameters()), 0.1)
+
+
+@pytest.mark.parametrize("tol", [1e-8, 1e-2])
+def test_tf32_search_is_checked_in_float32(monkeypatch, tol):
+    """The TF32 search path (forced on here: the CPU has no TF32, so its
+    products are exact) reports λ to the same accuracy as float32 products,
+    and its HVP count includes the float32 check."""
+    import trainers.sharpness as sharpness
+
+    model, loss = unet_blocks_problem()
+    true = top_eigenvalues(dense_hessian(model, loss), 1)[0]
+    ocfg = OptimConfig(name="gd", lr=0.01)
+    opt = build_optimizer(ocfg, model.parameters())
+    assert not sharpness.has_tf32("cpu")
+    cols = {}
+    for precision, forced in (("float32", False), ("tf32", False), ("tf32", True)):
+        monkeypatch.setattr(sharpness, "has_tf32", lambda device, forced=forced: forced)
+        probe = SharpnessProbe(SharpnessConfig(tol=tol, max_iters=500, search_precision=precision), ocfg)
+        cols[precision, forced] = probe.measure(model, loss, opt, 0.01)
+    # without TF32 hardware the setting changes nothing
+    assert cols["tf32", False] == cols["float32", False]
+    forced = cols["tf32", True]
+    assert forced["eig_residual"] <= tol
+    assert abs(forced["lambda_max"] - true) <= max(10 * tol ** 2, 1e-9) * true
+    if tol >= sharpness.TF32_SEARCH_TOL:   # the search reaches tol itself: one more product, the check
+        assert forced["eig_hvps"] == cols["float32", False]["eig_hvps"] + 1

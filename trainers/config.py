@@ -187,6 +187,9 @@ class SharpnessConfig:
     batch_sharpness: bool = False
     refresh_batch: bool = False  # draw a new Hessian batch at every probe instead of a fixed one
     hvp: str = "double_backward"  # Hessian-vector product method (trainers.hessian.METHODS)
+    # "tf32": on GPUs with TF32 (compute capability >= 8) LOBPCG searches with TF32 products and checks the
+    # answer with float32 ones (reported λ and residual are float32 values); "float32": every product float32
+    search_precision: str = "tf32"
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")
@@ -199,6 +202,7 @@ class SharpnessConfig:
         _choice(self.precondition, ("auto", "none"), "sharpness.precondition")
         _check(self.trace_samples >= 0, "sharpness.trace_samples", f"must be >= 0; got {self.trace_samples}")
         _choice(self.hvp, HVP_METHODS, "sharpness.hvp")
+        _choice(self.search_precision, ("tf32", "float32"), "sharpness.search_precision")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

@@ -28,6 +28,14 @@ keep two nearly equal top eigenvalues apart.
 
 A warm start passes the previous solve's vectors as ``X0``; an (n, k) block
 with fewer columns (or rank-deficient columns) is completed with random ones.
+
+:func:`lobpcg_verified` searches with a cheap, slightly inexact operator (on
+GPUs: TF32 products, ≈ 2.5× faster than float32 ones) and checks the answer
+with the exact one: one exact product per wanted column gives their exact
+Rayleigh quotients and residuals, and the search continues with exact
+products only if a residual is above tolerance.  The eigenvalues it reports
+are exact-operator Rayleigh–Ritz values, whose error is bounded by the exact
+residuals like any other (≈ residual² · λ), whatever the search's noise.
 """
 from __future__ import annotations
 
@@ -56,6 +64,7 @@ class LOBPCGResult:
     iterations: int
     products: int
     converged: bool
+    fast_products: int = 0   # of ``products``, those of the cheap search operator (lobpcg_verified)
 
 
 # ---------------------------------------------------------------------------
@@ -277,3 +286,59 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
 
     return LOBPCGResult(eigenvalues=theta.cpu(), vectors=X, residuals=rel, iterations=iterations,
                         products=products, converged=done)
+
+
+def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optional[torch.Tensor] = None, *,
+                    nwanted: int = 1, tol: float = 1e-3, fast_tol: Optional[float] = None,
+                    **kwargs) -> LOBPCGResult:
+    """:func:`lobpcg` that iterates with ``fast_operator``, a cheaper and
+    slightly inexact version of ``exact_operator`` (e.g. the same product with
+    TF32 arithmetic), and answers with exact-operator values.
+
+    1. LOBPCG with ``fast_operator`` to relative residual ``fast_tol``
+       (default ``tol``; it must sit above the fast operator's noise floor);
+    2. one ``exact_operator`` product per wanted column: Rayleigh–Ritz of
+       ``exact_operator`` on the wanted Ritz vectors gives their eigenvalues
+       and exact relative residuals;
+    3. if a wanted residual exceeds ``tol``, LOBPCG goes on with
+       ``exact_operator`` from the current block (its start block costs k
+       exact products).
+
+    ``kwargs`` go to :func:`lobpcg` (k, guard_tol, max_iters, generator, n,
+    dtype, device, callback).  ``products`` counts both kinds,
+    ``fast_products`` the fast ones; the guard columns' eigenvalues and
+    residuals are the search's (fast) values unless step 3 ran.
+    """
+    fast_tol = tol if fast_tol is None else fast_tol
+    if not fast_tol > 0:
+        raise ValueError(f"fast_tol: must be > 0; got {fast_tol}")
+    search = lobpcg(fast_operator, X0, nwanted=nwanted, tol=fast_tol, **kwargs)
+    X = search.vectors
+    Xw = X[:, :nwanted]
+    AXw = exact_operator(Xw)
+    if AXw.shape != Xw.shape:
+        raise ValueError(f"exact_operator returned shape {tuple(AXw.shape)} for input {tuple(Xw.shape)}")
+    G = gram(Xw, AXw)
+    theta_w, Y = torch.linalg.eigh(0.5 * (G + G.T))
+    order = torch.argsort(theta_w, descending=True)
+    theta_w, Y = theta_w[order], Y[:, order]
+    Xw, AXw = combine(Xw, Y), combine(AXw, Y)
+    R = AXw - combine(Xw, torch.diag(theta_w))
+    rel_w = (gram(R, R).diagonal().clamp_min(0).sqrt()
+             / theta_w.abs().clamp_min(torch.finfo(torch.float64).tiny)).cpu()
+    products = search.products + nwanted
+    X = torch.cat([Xw, X[:, nwanted:]], dim=1)
+    eigenvalues = torch.cat([theta_w.cpu(), search.eigenvalues[nwanted:]])
+    residuals = torch.cat([rel_w, search.residuals[nwanted:]])
+    callback = kwargs.get("callback")
+    if callback is not None:
+        callback(search.iterations, products, eigenvalues.clone(), residuals.clone())
+    if bool((rel_w <= tol).all()):
+        return LOBPCGResult(eigenvalues=eigenvalues, vectors=X, residuals=residuals, iterations=search.iterations,
+                            products=products, converged=True, fast_products=search.products)
+    if callback is not None:   # the exact solve's product counts continue from here
+        kwargs = {**kwargs, "callback": lambda it, p, th, rel: callback(search.iterations + it, products + p, th, rel)}
+    rest = lobpcg(exact_operator, X, nwanted=nwanted, tol=tol, **kwargs)
+    return LOBPCGResult(eigenvalues=rest.eigenvalues, vectors=rest.vectors, residuals=rest.residuals,
+                        iterations=search.iterations + rest.iterations, products=products + rest.products,
+                        converged=rest.converged, fast_products=search.products)

@@ -22,9 +22,12 @@ reuse one gradient graph per probe (:mod:`trainers.hessian`).
 
 The probe leaves training undisturbed: parameters and their ``.grad`` are not
 touched, the global RNG is not used (its own generator is part of
-:meth:`SharpnessProbe.state_dict`), and TF32 is turned off during the probe
-so that products are exact to float32 rounding.  Weight decay is not part of
-the probed loss.
+:meth:`SharpnessProbe.state_dict`), and what it reports is exact to float32
+rounding: TF32 is off except in the eigen-solver's search on GPUs that have
+it (``sharpness.search_precision: tf32``, the default), whose answer is then
+checked with float32 products (:func:`trainers.lobpcg.lobpcg_verified`): the
+reported λ and residual are float32 values.  Weight decay is not part of the
+probed loss.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch.nn as nn
 
 from trainers.config import OptimConfig, SharpnessConfig
 from trainers.hessian import HessianOperator, flatten, trainable_parameters
-from trainers.lobpcg import LOBPCGResult, lobpcg
+from trainers.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified
 from trainers.optimizers import adam_preconditioner, is_preconditioned, stability_threshold
 
 LossFn = Callable[[], torch.Tensor]
@@ -61,6 +64,33 @@ def exact_float32():
     finally:
         torch.set_float32_matmul_precision(matmul)
         torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@contextlib.contextmanager
+def tf32():
+    """TF32 on for matmuls and cuDNN convolutions (restored on exit)."""
+    matmul = torch.get_float32_matmul_precision()
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def has_tf32(device) -> bool:
+    """Whether float32 convolutions and matmuls on ``device`` can run as TF32
+    (NVIDIA compute capability 8.0 and later)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+#: relative residual the TF32 search stops at, at least: TF32 products differ
+#: from float32 ones by ~1e-4–5e-4 (bench/RESULTS.md), which is the floor of
+#: the residuals a TF32 search can reach
+TF32_SEARCH_TOL = 2e-3
 
 
 class SharpnessProbe:
@@ -116,9 +146,15 @@ class SharpnessProbe:
         # missing λ₁).  Warm: guards only to √tol, enough for their Ritz values
         # (error ~ residual²) to take over when an eigenvalue overtakes λ₁.
         guard_tol = self.cfg.tol if X0 is None else math.sqrt(self.cfg.tol)
-        res = lobpcg(operator, X0, n=n, k=self.cfg.block_size, nwanted=self.cfg.topk, tol=self.cfg.tol,
-                     guard_tol=guard_tol, max_iters=self.cfg.max_iters, generator=self.generator, dtype=dtype,
-                     device=device)
+        kw = dict(n=n, k=self.cfg.block_size, nwanted=self.cfg.topk, tol=self.cfg.tol, guard_tol=guard_tol,
+                  max_iters=self.cfg.max_iters, generator=self.generator, dtype=dtype, device=device)
+        if self.cfg.search_precision == "tf32" and has_tf32(device):
+            def tf32_operator(Y: torch.Tensor) -> torch.Tensor:
+                with tf32():
+                    return operator(Y)
+            res = lobpcg_verified(tf32_operator, operator, X0, fast_tol=max(self.cfg.tol, TF32_SEARCH_TOL), **kw)
+        else:
+            res = lobpcg(operator, X0, **kw)
         self.warm[key] = res.vectors.detach()
         return res
 

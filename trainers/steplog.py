@@ -22,7 +22,7 @@ threshold          float64      the optimizer's stability threshold (2/η, ...)
 ratio              float64      (λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold
 eig_residual       float64      relative residual ‖Hv − λv‖/|λ| of the reported λ
 eig_iters          int64        solver iterations of the estimate
-eig_hvps           int64        Hessian-vector products the estimate cost
+eig_hvps           int64        Hessian-vector products the estimate cost (TF32 search products included)
 eig_converged      bool         the residual reached the tolerance
 topk               list<f64>    top-k eigenvalues (of the operator in ``ratio``)
 hessian_trace      float64      Hutchinson estimate of tr(H)
