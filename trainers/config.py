@@ -179,6 +179,9 @@ class SharpnessConfig:
     block_size: int = 2          # LOBPCG block size k >= 2
     topk: int = 1                # eigenvalues recorded (<= block_size)
     tol: float = 1e-2            # relative residual ||Hv - λv|| / |λ| to stop (λ error <~ tol²: bench/RESULTS.md)
+    # relative λ accuracy: where the top Ritz values are closer than tol allows for (λ error ≈ residual² / gap),
+    # the residual is tightened to √(accuracy · gap / λ) (trainers.lobpcg.stopping_tolerances); 0: tol alone
+    accuracy: float = 1e-3
     max_iters: int = 100
     warm_start: bool = True
     precondition: str = "auto"   # auto: P^-1 H for Adam/AdamW, plain H otherwise; or "none"
@@ -198,6 +201,7 @@ class SharpnessConfig:
         _check(1 <= self.topk <= self.block_size, "sharpness.topk",
                f"must be in [1, block_size={self.block_size}]; got {self.topk}")
         _check(0 < self.tol < 1, "sharpness.tol", f"must be in (0, 1); got {self.tol}")
+        _check(0 <= self.accuracy < 1, "sharpness.accuracy", f"must be in [0, 1); got {self.accuracy}")
         _check(self.max_iters >= 1, "sharpness.max_iters", f"must be >= 1; got {self.max_iters}")
         _choice(self.precondition, ("auto", "none"), "sharpness.precondition")
         _check(self.trace_samples >= 0, "sharpness.trace_samples", f"must be >= 0; got {self.trace_samples}")

@@ -17,10 +17,15 @@ Shao, Yang & Gu (2018, "A robust and efficient implementation of LOBPCG"):
 * the small projected problems (Gram matrices, eigen-decompositions, the
   combination coefficients) are float64, whatever the vectors' dtype, and
   never go through TF32 matrix products;
-* a column has converged when its relative residual ‖Ax − θx‖ / |θ| ≤ tol;
-  the solver stops when the ``nwanted`` top columns have converged — never on
-  the change of θ, which stalls on near-degenerate spectra long before the
-  top eigenpair is found.
+* a column has converged when its relative residual ‖Ax − θx‖ / |θ| ≤ tol
+  and, with ``accuracy`` set, ≤ √(accuracy · gap / |θ|), gap being the
+  distance from θ to the neighbouring Ritz values: a Ritz value's error is
+  about residual² / gap, so on a cluster of nearly equal top eigenvalues a
+  residual that is small next to θ can still leave θ a mixture of the
+  cluster's eigenvalues (bench/RESULTS.md: 0.7 % off at residual 0.01 with
+  three eigenvalues within 2 %); the solver stops when the ``nwanted`` top
+  columns have converged — never on the change of θ, which stalls on
+  near-degenerate spectra long before the top eigenpair is found.
 
 The extra ``k − nwanted`` columns are guard vectors: they make the
 convergence rate depend on the gap to λ_{k+1} instead of λ_{nwanted+1}, and
@@ -187,8 +192,26 @@ def _search_directions(C: torch.Tensor, M: torch.Tensor, k: int) -> torch.Tensor
 # the solver
 
 
+def stopping_tolerances(theta: torch.Tensor, nwanted: int, tol: float, accuracy: Optional[float] = None,
+                        min_tol: float = 0.0) -> torch.Tensor:
+    """Relative residual each of the ``nwanted`` top Ritz values must reach:
+    ``tol``, lowered to √(accuracy · gap/|θ|) where the gap to the
+    neighbouring Ritz values (of all k) is small, so that the Ritz value's
+    error, ≈ residual² · |θ| / gap, stays within ``accuracy`` · |θ|; never
+    below ``min_tol`` (the noise floor of an inexact operator)."""
+    theta = theta.to(torch.float64).cpu()
+    out = torch.full((nwanted,), float(tol), dtype=torch.float64)
+    if accuracy is not None and theta.numel() > 1:
+        for i in range(nwanted):
+            gaps = [theta[j] - theta[i] for j in (i - 1, i + 1) if 0 <= j < theta.numel()]
+            gap = float(min(abs(g) for g in gaps)) / max(float(abs(theta[i])), torch.finfo(torch.float64).tiny)
+            out[i] = min(float(tol), (accuracy * gap) ** 0.5)
+    return out.clamp_min(min_tol)
+
+
 def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional[int] = None, k: int = 2,
            nwanted: int = 1, tol: float = 1e-3, guard_tol: Optional[float] = None, max_iters: int = 100,
+           accuracy: Optional[float] = None, min_tol: float = 0.0,
            generator: Optional[torch.Generator] = None,
            dtype: Optional[torch.dtype] = None, device=None,
            callback: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None) -> LOBPCGResult:
@@ -198,7 +221,9 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
     ``X0``: start block (n×j); missing or dependent columns are filled with
     Gaussian ones from ``generator``.  Without X0, ``n``, ``dtype``, ``device``
     say what vectors to make.  Stops when the ``nwanted`` top columns have
-    relative residual ≤ ``tol`` or after ``max_iters`` iterations.  The guard
+    relative residual ≤ ``tol`` (and, with ``accuracy``, small enough for
+    their gaps: :func:`stopping_tolerances`, floored at ``min_tol``) or after
+    ``max_iters`` iterations.  The guard
     columns (after the first ``nwanted``) get a residual direction, at one
     operator application each, only while their relative residual exceeds
     ``guard_tol`` (default ``tol``): a looser ``guard_tol`` saves products once
@@ -212,6 +237,8 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
         raise ValueError(f"nwanted: must be in [1, k={k}]; got {nwanted}")
     if not tol > 0:
         raise ValueError(f"tol: must be > 0; got {tol}")
+    if accuracy is not None and not accuracy > 0:
+        raise ValueError(f"accuracy: must be > 0; got {accuracy}")
     guard_tol = tol if guard_tol is None else guard_tol
     if X0 is not None:
         if X0.dim() == 1:
@@ -267,13 +294,14 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
         rel = rnorm / theta_cpu.abs().clamp_min(torch.finfo(torch.float64).tiny)
         if callback is not None:
             callback(iterations, products, theta_cpu.clone(), rel.clone())
-        done = bool((rel[:nwanted] <= tol).all())
+        wanted_tol = stopping_tolerances(theta_cpu, nwanted, tol, accuracy, min_tol)
+        done = bool((rel[:nwanted] <= wanted_tol).all())
         if done or iterations >= max_iters:
             break
         # basis S = [X, P, W]: X and P orthonormal by construction, W (the
         # residuals of the unconverged columns) orthonormalised against them
         Q, AQ = (X, AX) if P is None else (torch.cat([X, P], 1), torch.cat([AX, AP], 1))
-        active = torch.cat([rel[:nwanted] > tol, rel[nwanted:] > guard_tol])
+        active = torch.cat([rel[:nwanted] > wanted_tol, rel[nwanted:] > guard_tol])
         W, _ = orthonormalize_against(Q, R[:, active.to(device)], drop=drop)
         AW = apply(W)
         S, AS = torch.cat([Q, W], 1), torch.cat([AQ, AW], 1)
@@ -290,17 +318,18 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
 
 def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optional[torch.Tensor] = None, *,
                     nwanted: int = 1, tol: float = 1e-3, fast_tol: Optional[float] = None,
-                    **kwargs) -> LOBPCGResult:
+                    accuracy: Optional[float] = None, **kwargs) -> LOBPCGResult:
     """:func:`lobpcg` that iterates with ``fast_operator``, a cheaper and
     slightly inexact version of ``exact_operator`` (e.g. the same product with
     TF32 arithmetic), and answers with exact-operator values.
 
-    1. LOBPCG with ``fast_operator`` to relative residual ``fast_tol``
-       (default ``tol``; it must sit above the fast operator's noise floor);
+    1. LOBPCG with ``fast_operator`` to relative residual ``tol`` (and
+       ``accuracy``, see :func:`lobpcg`), never below ``fast_tol`` (the fast
+       operator's noise floor; default: no floor);
     2. one ``exact_operator`` product per wanted column: Rayleigh–Ritz of
        ``exact_operator`` on the wanted Ritz vectors gives their eigenvalues
        and exact relative residuals;
-    3. if a wanted residual exceeds ``tol``, LOBPCG goes on with
+    3. if a wanted residual exceeds its tolerance, LOBPCG goes on with
        ``exact_operator`` from the current block (its start block costs k
        exact products).
 
@@ -309,10 +338,11 @@ def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optio
     ``fast_products`` the fast ones; the guard columns' eigenvalues and
     residuals are the search's (fast) values unless step 3 ran.
     """
-    fast_tol = tol if fast_tol is None else fast_tol
-    if not fast_tol > 0:
-        raise ValueError(f"fast_tol: must be > 0; got {fast_tol}")
-    search = lobpcg(fast_operator, X0, nwanted=nwanted, tol=fast_tol, **kwargs)
+    fast_tol = 0.0 if fast_tol is None else fast_tol
+    if not fast_tol >= 0:
+        raise ValueError(f"fast_tol: must be >= 0; got {fast_tol}")
+    search = lobpcg(fast_operator, X0, nwanted=nwanted, tol=max(tol, fast_tol), accuracy=accuracy, min_tol=fast_tol,
+                    **kwargs)
     X = search.vectors
     Xw = X[:, :nwanted]
     AXw = exact_operator(Xw)
@@ -333,12 +363,12 @@ def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optio
     callback = kwargs.get("callback")
     if callback is not None:
         callback(search.iterations, products, eigenvalues.clone(), residuals.clone())
-    if bool((rel_w <= tol).all()):
+    if bool((rel_w <= stopping_tolerances(eigenvalues, nwanted, tol, accuracy)).all()):
         return LOBPCGResult(eigenvalues=eigenvalues, vectors=X, residuals=residuals, iterations=search.iterations,
                             products=products, converged=True, fast_products=search.products)
     if callback is not None:   # the exact solve's product counts continue from here
         kwargs = {**kwargs, "callback": lambda it, p, th, rel: callback(search.iterations + it, products + p, th, rel)}
-    rest = lobpcg(exact_operator, X, nwanted=nwanted, tol=tol, **kwargs)
+    rest = lobpcg(exact_operator, X, nwanted=nwanted, tol=tol, accuracy=accuracy, **kwargs)
     return LOBPCGResult(eigenvalues=rest.eigenvalues, vectors=rest.vectors, residuals=rest.residuals,
                         iterations=search.iterations + rest.iterations, products=products + rest.products,
                         converged=rest.converged, fast_products=search.products)

@@ -147,12 +147,13 @@ class SharpnessProbe:
         # (error ~ residual²) to take over when an eigenvalue overtakes λ₁.
         guard_tol = self.cfg.tol if X0 is None else math.sqrt(self.cfg.tol)
         kw = dict(n=n, k=self.cfg.block_size, nwanted=self.cfg.topk, tol=self.cfg.tol, guard_tol=guard_tol,
-                  max_iters=self.cfg.max_iters, generator=self.generator, dtype=dtype, device=device)
+                  accuracy=self.cfg.accuracy or None, max_iters=self.cfg.max_iters, generator=self.generator,
+                  dtype=dtype, device=device)
         if self.cfg.search_precision == "tf32" and has_tf32(device):
             def tf32_operator(Y: torch.Tensor) -> torch.Tensor:
                 with tf32():
                     return operator(Y)
-            res = lobpcg_verified(tf32_operator, operator, X0, fast_tol=max(self.cfg.tol, TF32_SEARCH_TOL), **kw)
+            res = lobpcg_verified(tf32_operator, operator, X0, fast_tol=TF32_SEARCH_TOL, **kw)
         else:
             res = lobpcg(operator, X0, **kw)
         self.warm[key] = res.vectors.detach()
