@@ -55,12 +55,29 @@ def cuda_mps(enabled: bool):
         print(f"[bench] MPS control daemon started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
         yield
     finally:
-        subprocess.run([exe], input=b"quit\n", check=False)
+        # "quit" waits for every MPS client to exit: this process must not be
+        # one (it never creates a CUDA context: see gpu_name), and a stray
+        # client must not hang the bench
+        try:
+            subprocess.run([exe], input=b"quit\n", check=False, timeout=60)
+        except subprocess.TimeoutExpired:
+            print("[bench] MPS daemon still has clients after 60 s; it quits when they exit", flush=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def gpu_name() -> str:
+    """Name of GPU 0 without creating a CUDA context in this process (under
+    MPS a context would make it a client that the daemon's quit waits for)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30, check=True)
+        return out.stdout.strip() or "GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "GPU (name unknown: nvidia-smi failed)"
 
 
 def main(argv=None) -> int:
@@ -122,7 +139,7 @@ def sweep(args) -> int:
     for r in rows:
         r["speedup_vs_1"] = r["steps_per_s"] / rows[0]["steps_per_s"]
         r["train_speedup_vs_1"] = r["train_steps_per_s"] / rows[0]["train_steps_per_s"]
-    dev = torch.cuda.get_device_name(0) if gpus else platform.processor() or "cpu"
+    dev = gpu_name() if gpus else platform.processor() or "cpu"
     cadence = "every step" if args.every == 1 else f"every {args.every} steps"
     sharing = "MPS" if args.mps else "time-sliced (no MPS)"
     print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, λ₁(P⁻¹H) {cadence}, {dev}, GPU sharing: {sharing}")
