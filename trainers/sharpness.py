@@ -51,33 +51,30 @@ COLUMNS = ("lambda_max", "lambda_precond", "threshold", "ratio", "eig_residual",
 
 
 @contextlib.contextmanager
+def float32_matmuls(precision: str, cudnn_tf32: bool):
+    """Set ``torch.set_float32_matmul_precision(precision)`` and cuDNN's TF32
+    flag for the block (restored on exit)."""
+    matmul = torch.get_float32_matmul_precision()
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 def exact_float32():
-    """Turn TF32 off for matmuls and cuDNN convolutions (restored on exit):
-    TF32's 10-bit mantissa makes Hessian-vector products noisy at the 1e-3
-    level, the tolerance the eigen-solver works to."""
-    matmul = torch.get_float32_matmul_precision()
-    cudnn = torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn
+    """TF32 off for matmuls and cuDNN convolutions: TF32's 10-bit mantissa
+    makes Hessian-vector products noisy at the 1e-3 level, the tolerance the
+    eigen-solver works to."""
+    return float32_matmuls("highest", False)
 
 
-@contextlib.contextmanager
 def tf32():
-    """TF32 on for matmuls and cuDNN convolutions (restored on exit)."""
-    matmul = torch.get_float32_matmul_precision()
-    cudnn = torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn
+    """TF32 on for matmuls and cuDNN convolutions (the eigen-solver's search)."""
+    return float32_matmuls("high", True)
 
 
 def has_tf32(device) -> bool:
