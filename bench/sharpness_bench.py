@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers.config import DataConfig, OptimConfig, ScheduleConfig, SharpnessConfig, VariantConfig  # noqa: E402
 from trainers.data import load_images, to_model_range  # noqa: E402
 from trainers.hessian import METHODS, HessianOperator, flatten, hessian_vector_product, trainable_parameters  # noqa: E402
-from trainers.lobpcg import lobpcg, lobpcg_verified  # noqa: E402
+from trainers.lobpcg import lobpcg  # noqa: E402
 from trainers.optimizers import adam_preconditioner, build_optimizer  # noqa: E402
 from trainers.schedules import NoiseSchedule  # noqa: E402
-from trainers.sharpness import (TF32_SEARCH_TOL, SharpnessProbe, exact_float32, has_tf32, tf32,  # noqa: E402
-                                warm_start_transport)
+from trainers.sharpness import (SharpnessProbe, exact_float32, has_tf32, top_eigenpairs,  # noqa: E402
+                                warm_start_transport, with_tf32)
 from trainers.unet import build_unet, count_parameters  # noqa: E402
 from trainers.variants import build_variant  # noqa: E402
 
@@ -167,13 +167,6 @@ def reference(op, n, dtype, device, X0, args):
     return float(r.eigenvalues[0]), r
 
 
-def tf32_operator(op):
-    def fast(Y):
-        with tf32():
-            return op(Y)
-    return fast
-
-
 def run_lobpcg(op, X0, n, dtype, device, args, guard_tol=None, gen_seed=0, tol=None, search_tf32=False):
     """One residual-stopped solve; ``search_tf32``: the probe's TF32 search +
     float32 check (:func:`trainers.lobpcg.lobpcg_verified`).  The trajectory
@@ -186,10 +179,7 @@ def run_lobpcg(op, X0, n, dtype, device, args, guard_tol=None, gen_seed=0, tol=N
               callback=lambda it, p, theta, rel: traj.append((p, float(theta[0]), float(rel[0]))))
     sync(device)
     t0 = time.perf_counter()
-    if search_tf32:
-        r = lobpcg_verified(tf32_operator(op), op, X0, fast_tol=TF32_SEARCH_TOL, **kw)
-    else:
-        r = lobpcg(op, X0, **kw)
+    r = top_eigenpairs(op, X0, search_tf32=search_tf32, **kw)
     sync(device)
     return r, traj, time.perf_counter() - t0
 
@@ -216,7 +206,7 @@ def hvp_times(pb: "Problem", reps: int):
             v = torch.randn(H.n, 1, generator=torch.Generator().manual_seed(0)).to(device)
             H(v)
             t_hvp, hv = timed(lambda: H(v), device, reps)
-            t_tf32, hv_tf32 = timed(lambda: tf32_operator(H)(v), device, reps)
+            t_tf32, hv_tf32 = timed(lambda: with_tf32(H)(v), device, reps)
     return t_grad, t_hvp, t_tf32, float((hv_tf32 - hv).norm() / hv.norm())
 
 
@@ -286,7 +276,7 @@ def part_costs(pb: Problem, args, out: list):
                          f"product {t_fast_graph / t_grad:.2f}× gradient)", 1e3 * t / 2, t / 2 / t_grad,
                          float((hv - ref).norm() / ref.norm()), "ok"))
             if has_tf32(device):
-                t, hv = timed(lambda: tf32_operator(H)(V), device, reps)
+                t, hv = timed(lambda: with_tf32(H)(V), device, reps)
                 rows.append(("HVP as above with TF32 (the probe's search products; float32 graph)", 1e3 * t / 2,
                              t / 2 / t_grad, float((hv - ref).norm() / ref.norm()), "ok"))
         t, hv = timed(lambda: hessian_vector_product(pb.loss, pb.params, V[:, 0]), device, max(1, reps // 2))

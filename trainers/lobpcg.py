@@ -35,12 +35,12 @@ A warm start passes the previous solve's vectors as ``X0``; an (n, k) block
 with fewer columns (or rank-deficient columns) is completed with random ones.
 
 :func:`lobpcg_verified` searches with a cheap, slightly inexact operator (on
-GPUs: TF32 products, ≈ 2.5× faster than float32 ones) and checks the answer
+GPUs: TF32 products, 1.7–2.4× faster than float32 ones on an H200) and checks the answer
 with the exact one: one exact product per wanted column gives their exact
 Rayleigh quotients and residuals, and the search continues with exact
 products only if a residual is above tolerance.  The eigenvalues it reports
 are exact-operator Rayleigh–Ritz values, whose error is bounded by the exact
-residuals like any other (≈ residual² · λ), whatever the search's noise.
+residuals like any other (≈ residual² · λ / gap), whatever the search's noise.
 """
 from __future__ import annotations
 
@@ -167,6 +167,12 @@ def _top_ritz(G: torch.Tensor, M: torch.Tensor, k: int, drop: float):
     return theta[order], T @ Y[:, order]
 
 
+def _relative_residuals(R: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """‖r‖ / |θ| per column of the residuals R = AX − Xθ, float64 on the CPU."""
+    rnorm = gram(R, R).diagonal().clamp_min(0).sqrt().cpu()
+    return rnorm / theta.cpu().abs().clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def _search_directions(C: torch.Tensor, M: torch.Tensor, k: int) -> torch.Tensor:
     """Coefficients (in the basis S = [X, P, W]) of the next search directions:
     the non-X part of the new Ritz vectors, [0; C_PW], M-orthogonalised against
@@ -289,9 +295,8 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
     iterations = 0
     while True:
         R = AX - combine(X, torch.diag(theta))
-        rnorm = gram(R, R).diagonal().clamp_min(0).sqrt().cpu()
         theta_cpu = theta.cpu()
-        rel = rnorm / theta_cpu.abs().clamp_min(torch.finfo(torch.float64).tiny)
+        rel = _relative_residuals(R, theta)
         if callback is not None:
             callback(iterations, products, theta_cpu.clone(), rel.clone())
         wanted_tol = stopping_tolerances(theta_cpu, nwanted, tol, accuracy, min_tol)
@@ -348,14 +353,9 @@ def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optio
     AXw = exact_operator(Xw)
     if AXw.shape != Xw.shape:
         raise ValueError(f"exact_operator returned shape {tuple(AXw.shape)} for input {tuple(Xw.shape)}")
-    G = gram(Xw, AXw)
-    theta_w, Y = torch.linalg.eigh(0.5 * (G + G.T))
-    order = torch.argsort(theta_w, descending=True)
-    theta_w, Y = theta_w[order], Y[:, order]
+    theta_w, Y = _top_ritz(gram(Xw, AXw), gram(Xw, Xw), nwanted, _drop_tol(Xw.dtype))
     Xw, AXw = combine(Xw, Y), combine(AXw, Y)
-    R = AXw - combine(Xw, torch.diag(theta_w))
-    rel_w = (gram(R, R).diagonal().clamp_min(0).sqrt()
-             / theta_w.abs().clamp_min(torch.finfo(torch.float64).tiny)).cpu()
+    rel_w = _relative_residuals(AXw - combine(Xw, torch.diag(theta_w)), theta_w)
     products = search.products + nwanted
     X = torch.cat([Xw, X[:, nwanted:]], dim=1)
     eigenvalues = torch.cat([theta_w.cpu(), search.eigenvalues[nwanted:]])

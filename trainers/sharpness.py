@@ -90,6 +90,24 @@ def has_tf32(device) -> bool:
 TF32_SEARCH_TOL = 2e-3
 
 
+def with_tf32(operator):
+    """``operator`` with its products computed in TF32."""
+    def fast(Y: torch.Tensor) -> torch.Tensor:
+        with tf32():
+            return operator(Y)
+    return fast
+
+
+def top_eigenpairs(operator, X0: Optional[torch.Tensor] = None, *, search_tf32: bool = False,
+                   **kwargs) -> LOBPCGResult:
+    """:func:`trainers.lobpcg.lobpcg` of ``operator``; with ``search_tf32``
+    the search runs on TF32 products and the answer is checked with
+    ``operator``'s own (:func:`trainers.lobpcg.lobpcg_verified`)."""
+    if search_tf32:
+        return lobpcg_verified(with_tf32(operator), operator, X0, fast_tol=TF32_SEARCH_TOL, **kwargs)
+    return lobpcg(operator, X0, **kwargs)
+
+
 class SharpnessProbe:
     """Measures the curvature columns of the step log (see :data:`COLUMNS`).
 
@@ -146,13 +164,8 @@ class SharpnessProbe:
         kw = dict(n=n, k=self.cfg.block_size, nwanted=self.cfg.topk, tol=self.cfg.tol, guard_tol=guard_tol,
                   accuracy=self.cfg.accuracy or None, max_iters=self.cfg.max_iters, generator=self.generator,
                   dtype=dtype, device=device)
-        if self.cfg.search_precision == "tf32" and has_tf32(device):
-            def tf32_operator(Y: torch.Tensor) -> torch.Tensor:
-                with tf32():
-                    return operator(Y)
-            res = lobpcg_verified(tf32_operator, operator, X0, fast_tol=TF32_SEARCH_TOL, **kw)
-        else:
-            res = lobpcg(operator, X0, **kw)
+        res = top_eigenpairs(operator, X0, search_tf32=self.cfg.search_precision == "tf32" and has_tf32(device),
+                             **kw)
         self.warm[key] = res.vectors.detach()
         return res
 
