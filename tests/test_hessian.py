@@ -127,3 +127,63 @@ def test_graph_reuse_sees_the_parameters_of_its_construction():
         second = op(v)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, H0 @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_cuda_graphs_are_ignored_on_the_cpu(unet_problem):
+    model, loss, H = unet_problem
+    V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with HessianOperator(loss, trainable_parameters(model), model=model, cuda_graphs=True) as op:
+        assert not op.graphed
+        torch.testing.assert_close(op(V), H @ V, rtol=1e-9, atol=1e-12)
+
+
+def test_a_failed_capture_is_a_clear_error(unet_problem, monkeypatch):
+    """A failed capture leaves CUDA's state unusable, so it is not papered
+    over: the error says which setting turns CUDA graphs off."""
+    model, loss, H = unet_problem
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    op = HessianOperator(loss, trainable_parameters(model), model=model)
+    op.gradient()            # the gradient graph, built as without CUDA graphs
+    op._cuda_graphs = True   # products as on a GPU
+
+    def fail(v):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(op, "_capture", fail)
+    torch.testing.assert_close(op(V[:, :2]), H @ V[:, :2], rtol=1e-9, atol=1e-12)  # eager, before capturing
+    with pytest.raises(RuntimeError, match=r"sharpness\.cuda_graphs: false"):
+        op(V)
+    op.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_products_equal_plain_products_on_the_gpu():
+    """The replayed second backward gives the plain products (float32 U-Net
+    with attention, GroupNorm and the fast convolution double backward), for
+    the TF32 and the float32 setting, and after many replays."""
+    from trainers.sharpness import exact_float32, tf32
+    from trainers.unet import build_unet
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = build_unet("tiny", 16, 3, dropout=0.0).to(device).eval()
+    model.set_fused_attention(False)
+    params = trainable_parameters(model)
+    x = torch.randn(4, 3, 16, 16, device=device)
+    t = torch.tensor([10.0, 200.0, 500.0, 900.0], device=device)
+    eps = torch.randn_like(x)
+
+    def loss():
+        return ((model(x, t) - eps) ** 2).mean()
+    n = sum(p.numel() for p in params)
+    V = torch.randn(n, 3, device=device, generator=torch.Generator(device).manual_seed(0))
+    for precision in (exact_float32, tf32):
+        with precision():
+            with HessianOperator(loss, params, model=model) as plain:
+                expected = plain(V)
+            with HessianOperator(loss, params, model=model, cuda_graphs=True) as graphed:
+                first = graphed(V)   # two eager products, then the capture and one replay
+                assert graphed.graphed and len(graphed._captured) == 1
+                again = graphed(V[:, [2, 0, 1]])
+        scale = expected.abs().max()
+        torch.testing.assert_close(first, expected, rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(again, expected[:, [2, 0, 1]], rtol=0, atol=1e-5 * scale)

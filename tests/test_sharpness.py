@@ -375,3 +375,32 @@ def test_tf32_search_is_checked_in_float32(monkeypatch, tol):
     assert abs(forced["lambda_max"] - true) <= max(10 * tol ** 2, 1e-9) * true
     if tol >= sharpness.TF32_SEARCH_TOL:   # the search reaches tol itself: one more product, the check
         assert forced["eig_hvps"] == cols["float32", False]["eig_hvps"] + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["base", "edm", "vparam", "snr", "pd", "adap_s", "stf"])
+def test_cuda_graph_probe_matches_the_plain_probe_in_training(variant, tmp_path):
+    """Every variant's probe with CUDA-graph products, inside the training
+    loop (whose previous step's autograd graph is still referenced, and whose
+    dropout draws from the CUDA generator), logs what the plain probe logs
+    and leaves the training trajectory bit-for-bit unchanged."""
+    from trainers.loop import train
+    from trainers.steplog import read_steps
+
+    logs = {}
+    for graphs in (False, True):
+        cfg = {"model": {"preset": "tiny", "dropout": 0.1}, "variant": {"name": variant},
+               "data": {"name": "synthetic", "image_size": 16, "batch_size": 8},
+               "optim": {"name": "adam", "lr": 1e-3},
+               "sharpness": {"every": 1, "hessian_batch": 8, "cuda_graphs": graphs},
+               "train": {"steps": 4, "device": "cuda", "print_every": 0}}
+        train(cfg, tmp_path / str(graphs), resume=False)
+        logs[graphs] = read_steps(tmp_path / str(graphs) / "steps")
+    plain, graphed = logs[False], logs[True]
+    # the same dropout masks (a disturbed CUDA generator would change them): the
+    # same losses up to the GPU's non-deterministic reductions
+    torch.testing.assert_close(torch.tensor(graphed["loss"].to_numpy()), torch.tensor(plain["loss"].to_numpy()),
+                               rtol=1e-5, atol=0)
+    for col in ("lambda_precond", "lambda_max"):
+        torch.testing.assert_close(torch.tensor(graphed[col].to_numpy()), torch.tensor(plain[col].to_numpy()),
+                                   rtol=2e-3, atol=0, equal_nan=True)  # no λ₁(P⁻¹H) before Adam's first step

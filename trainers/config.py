@@ -193,6 +193,9 @@ class SharpnessConfig:
     # "tf32": on GPUs with TF32 (compute capability >= 8) LOBPCG searches with TF32 products and checks the
     # answer with float32 ones (reported λ and residual are float32 values); "float32": every product float32
     search_precision: str = "tf32"
+    # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
+    # thousands; trainers.hessian); no effect on the CPU or with other hvp methods
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")

@@ -29,6 +29,24 @@ GroupNorm's double backward (a vmap shape error) and is correct on the CPU.
 ``double_backward`` is the default: exact, supported by every op with a
 double-backward formula, and its graph serves all products of a probe.
 
+On a small model the product is not arithmetic but kernel launches: the
+second backward pass of the 6.5M-parameter ``small`` U-Net at batch 64
+launches ~5,000 kernels, and on an H200 one product took 110–160 ms of wall
+time for ~40 ms of GPU work; replayed as a CUDA graph, 44 ms (TF32), and the
+whole per-step probe ran 1.78× faster (``bench/probe_profile.py``,
+``bench/RESULTS.md``).  With ``cuda_graphs=True`` (CUDA
+only) the operator records the second backward pass of one vector as a CUDA
+graph once a few products have run eagerly (per TF32 setting: the search and
+the check run different kernels) and replays it for every further vector:
+one launch instead of thousands.  The graph reads the vector from, and writes
+the product to, fixed buffers, and reads the gradient graph's saved tensors,
+which do not move while the operator lives; the gradient graph is taken
+with respect to fresh leaves that share the parameters' storage (the
+parameters' own autograd nodes may still hang on the training step's graph,
+on another stream).  A capture that fails raises an error that names the
+switch (``sharpness.cuda_graphs``): a failed capture leaves CUDA's state
+unusable, so there is no quiet fallback.
+
 The loss is a zero-argument closure (``loss_fn() -> scalar``) computed from
 the model's *current* parameters, so the same closure serves every method:
 forward over reverse swaps the parameters for functional ones through
@@ -46,6 +64,12 @@ from trainers.config import HVP_METHODS as METHODS  # one list, validated by Sha
 from trainers.conv_double_backward import fast_double_backward
 
 LossFn = Callable[[], torch.Tensor]
+
+#: products of one TF32 setting computed eagerly before it is captured: they
+#: choose the kernels the capture records, and a capture costs about one eager
+#: product, so a setting the solver uses once or twice per probe (the float32
+#: check of a TF32 search) is never captured
+EAGER_BEFORE_CAPTURE = 2
 
 
 # ---------------------------------------------------------------------------
@@ -152,10 +176,14 @@ class HessianOperator:
       (``is_grads_batched``);
     * ``forward_over_reverse``: ``jvp(grad(L))`` per vector (needs ``model``);
     * ``forward_over_reverse_vmap``: ``vmap(jvp(grad(L)))`` per block (needs ``model``).
+
+    ``cuda_graphs``: with ``double_backward`` and ``model`` on a CUDA device,
+    replay each product's second backward pass as a CUDA graph (see the module
+    docstring); ignored otherwise.  ``graphed`` says whether products are being replayed.
     """
 
     def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, method: str = "double_backward",
-                 model: Optional[nn.Module] = None, fast_conv: bool = True):
+                 model: Optional[nn.Module] = None, fast_conv: bool = True, cuda_graphs: bool = False):
         if method not in METHODS:
             raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
         self.loss_fn = loss_fn
@@ -173,7 +201,13 @@ class HessianOperator:
         # (trainers/conv_double_backward.py); the vmapped variant keeps the
         # built-in formula, whose batching rules it relies on
         self._fast_conv_model = model if (fast_conv and method == "double_backward") else None
-        if method.startswith("forward_over_reverse"):
+        self._cuda_graphs = (cuda_graphs and method == "double_backward" and self.device.type == "cuda"
+                             and model is not None)
+        self._stream: Optional[torch.cuda.Stream] = None   # where the gradient graph and the captures run
+        self._captured: dict = {}   # TF32 setting -> (CUDA graph, input buffer, output buffer)
+        self._eager: dict = {}      # TF32 setting -> products computed without a CUDA graph
+        self._wrt = self.params     # the leaves the gradient graph is differentiated with respect to
+        if method.startswith("forward_over_reverse") or self._cuda_graphs:
             if model is None:
                 raise ValueError(f"model: method {method!r} needs the model the parameters belong to")
             self._setup_functional(model)
@@ -182,25 +216,98 @@ class HessianOperator:
     def _build_graph(self) -> None:
         convs = (fast_double_backward(self._fast_conv_model) if self._fast_conv_model is not None
                  else contextlib.nullcontext())
-        with convs:
-            loss = self.loss_fn()
+        stream = contextlib.nullcontext()
+        if self._cuda_graphs:
+            # the second backward runs each op on the stream of the op it
+            # differentiates, so the graph is built on the stream the CUDA
+            # graphs will be captured on
+            self._stream = torch.cuda.Stream(self.device)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream = torch.cuda.stream(self._stream)
+        with convs, stream:
+            if self._cuda_graphs:
+                # fresh leaves sharing the parameters' storage: the autograd
+                # nodes of the parameters themselves may belong to the training
+                # step's graph on the default stream, and a capture that meets
+                # them synchronises with that stream and fails
+                self._wrt = [p.detach().requires_grad_(True) for p in self.params]
+                from torch.func import functional_call
+                loss = functional_call(self._wrapper, dict(zip(self._names, self._wrt)), ())
+            else:
+                loss = self.loss_fn()
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)}")
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, self._wrt, create_graph=True, allow_unused=True)
         self._loss = loss.detach()
         self._grads = _zeros_for_none(grads, self.params)
         # Gradient entries that do not depend on the parameters (linear in θ, or
         # unused) have no graph: their rows of H are zero.
         self._live = [i for i, g in enumerate(self._grads) if g.requires_grad]
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    def _column_product(self, v: torch.Tensor) -> torch.Tensor:
+        """Hv for one flat vector v (n,) by a second backward pass."""
+        live = self._live
+        live_params = [self._wrt[i] for i in live]
+        parts = unflatten(v, self.params)
+        hv = torch.autograd.grad([self._grads[i] for i in live], live_params, [parts[i] for i in live],
+                                 retain_graph=True, allow_unused=True)
+        full = [torch.zeros_like(p) for p in self.params]
+        for i, h in zip(live, hv):
+            if h is not None:
+                full[i] = h
+        return flatten(full)
+
+    def _capture(self, v: torch.Tensor):
+        """Record :meth:`_column_product` as a CUDA graph (after eager products
+        on the graph's stream have chosen the kernels); returns the graph and
+        its input and output buffers."""
+        stream, current = self._stream, torch.cuda.current_stream(self.device)
+        v_in = v.clone()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                v_out = self._column_product(v_in)
+        current.wait_stream(stream)
+        return graph, v_in, v_out
+
+    def _graphed_double_backward(self, V: torch.Tensor) -> torch.Tensor:
+        """Products of the columns of V: eager for the first
+        :data:`EAGER_BEFORE_CAPTURE` of a TF32 setting, then replayed."""
+        key = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+        out = torch.empty_like(V)
+        for j in range(V.shape[1]):
+            entry = self._captured.get(key)
+            if entry is None and self._eager.get(key, 0) >= EAGER_BEFORE_CAPTURE:
+                try:
+                    entry = self._captured[key] = self._capture(V[:, j])
+                except RuntimeError as e:
+                    # a failed capture leaves CUDA state (the RNG's capture
+                    # bookkeeping) unusable: no quiet fallback, a clear error
+                    raise RuntimeError(f"Hessian-vector product: CUDA graph capture failed ({e}). Turn CUDA graphs "
+                                       "off (sharpness.cuda_graphs: false) and report the model and loss.") from e
+            if entry is None:
+                out[:, j] = self._column_product(V[:, j])
+                self._eager[key] = self._eager.get(key, 0) + 1
+            else:
+                graph, v_in, v_out = entry
+                v_in.copy_(V[:, j])
+                graph.replay()
+                out[:, j] = v_out
+        return out
 
     def _double_backward(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
         if self._grads is None:
             self._build_graph()
         live = self._live
-        out = torch.zeros_like(V)
         if not live:
-            return out
-        live_params = [self.params[i] for i in live]
+            return torch.zeros_like(V)
+        if self._cuda_graphs and not batched:
+            return self._graphed_double_backward(V)
+        out = torch.zeros_like(V)
+        live_params = [self._wrt[i] for i in live]
         live_grads = [self._grads[i] for i in live]
         parts = unflatten(V, self.params)
         if batched:
@@ -213,13 +320,7 @@ class HessianOperator:
                 full[i] = h
             return _flat_block(full)
         for j in range(V.shape[1]):
-            hv = torch.autograd.grad(live_grads, live_params, [parts[i][j] for i in live], retain_graph=True,
-                                     allow_unused=True)
-            hv = _zeros_for_none(hv, live_params)
-            full = [torch.zeros_like(p) for p in self.params]
-            for i, h in zip(live, hv):
-                full[i] = h
-            out[:, j] = flatten(full)
+            out[:, j] = self._column_product(V[:, j])
         return out
 
     # --- forward over reverse --------------------------------------------
@@ -298,8 +399,16 @@ class HessianOperator:
                 self._loss = self.loss_fn().detach()
         return self._loss
 
+    @property
+    def graphed(self) -> bool:
+        return self._cuda_graphs
+
     def close(self) -> None:
-        """Free the gradient graph."""
+        """Free the gradient graph (and the CUDA graphs that replay products)."""
+        if self._captured:
+            torch.cuda.current_stream(self.device).synchronize()   # no replay still reads the buffers
+            self._captured.clear()
+        self._eager.clear()
         self._grads = None
         self._live = []
 

@@ -190,7 +190,7 @@ class SharpnessProbe:
         cols["threshold"] = threshold
         device_type = params[0].device.type
         with exact_float32(), torch.autocast(device_type, enabled=False):
-            H = HessianOperator(loss_fn, params, method=self.method, model=model)
+            H = HessianOperator(loss_fn, params, method=self.method, model=model, cuda_graphs=self.cfg.cuda_graphs)
             n, dtype, device = H.n, H.dtype, H.device
             try:
                 main: Optional[LOBPCGResult] = None
