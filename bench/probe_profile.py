@@ -11,7 +11,7 @@ Splits the wall time of ``SharpnessProbe.measure`` at every probed step into
 
 Each timer synchronises the device, so the parts add up to the probe's wall
 time.  Also prints the training step's own time, one product timed alone in
-a loop (graph reused), and a torch.profiler table of one probed step (top
+a loop (gradient graph reused; with and without CUDA graphs), and a torch.profiler table of one probed step (top
 operators by self CPU time, and how often the host waited for the device).
 
     python bench/probe_profile.py --preset small --batch 64 --device cuda --steps 12
@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers import hessian as hessian_mod  # noqa: E402
 from trainers import sharpness as sharpness_mod  # noqa: E402
+from trainers.hessian import EAGER_BEFORE_CAPTURE, HessianOperator, trainable_parameters  # noqa: E402
+from trainers.sharpness import SharpnessProbe  # noqa: E402
 from trainers.config import run_config  # noqa: E402
 from trainers.loop import Trainer, train  # noqa: E402
 
@@ -74,6 +75,17 @@ class Timers:
 
 
 def main(argv=None):
+    originals = [(HessianOperator, "__call__"), (HessianOperator, "_build_graph"), (SharpnessProbe, "measure"),
+                 (Trainer, "measure_sharpness")]
+    saved = [(cls, name, cls.__dict__[name]) for cls, name in originals]
+    try:
+        profile_probe(argv)
+    finally:   # the timers wrap class attributes: put the originals back
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+def profile_probe(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=16, help="training and Hessian batch")
@@ -84,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--skip", type=int, default=4, help="first steps left out of the means (cold solves)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="extra config override, e.g. --set sharpness.search_precision=float32")
-    ap.add_argument("--rows", type=int, default=20, help="rows of the profiler table")
+    ap.add_argument("--rows", type=int, default=20, help="rows of the profiler table (0: no profile)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
 
@@ -100,11 +112,9 @@ def main(argv=None):
     cfg = run_config(cfg)
 
     timers = Timers(device)
-    op = hessian_mod.HessianOperator
-    op.__call__ = timers.wrap("products", op.__call__, count_columns=True)
-    op._build_graph = timers.wrap("graph", op._build_graph)
-    probe_cls = sharpness_mod.SharpnessProbe
-    probe_cls.measure = timers.wrap("probe", probe_cls.measure)
+    HessianOperator.__call__ = timers.wrap("products", HessianOperator.__call__, count_columns=True)
+    HessianOperator._build_graph = timers.wrap("graph", HessianOperator._build_graph)
+    SharpnessProbe.measure = timers.wrap("probe", SharpnessProbe.measure)
 
     captured = []   # the run's Trainer, for the single-product timing and the profiled probe
     measure_sharpness = Trainer.measure_sharpness
@@ -154,7 +164,6 @@ def main(argv=None):
           f"λ₁(P⁻¹H) HVPs logged: {mean([rows[i]['eig_hvps'] for i in kept]):.1f}")
 
     # one product alone, graph reused, TF32 off and on (the trained model, its Hessian batch)
-    from trainers.hessian import HessianOperator, trainable_parameters
     trainer = captured[-1]
     model, params = trainer.model, trainable_parameters(trainer.model)
     fused = trainer._fused()
@@ -163,17 +172,22 @@ def main(argv=None):
     loss = trainer.frozen_loss(trainer.frozen_hessian_draw(trainer.step))
     V = torch.randn(sum(p.numel() for p in params), 1, device=device)
     for label, ctx in (("float32", sharpness_mod.exact_float32), ("TF32", sharpness_mod.tf32)):
-        with ctx():
-            H = HessianOperator(loss, params, model=model)
-            H(V)
-            timers.reset()
-            for _ in range(10):
-                H(V)
-            H.close()
-        print(f"one product alone ({label}, graph reused): {timers.seconds['products'] / 10 * 1e3:.1f} ms")
+        for graphs in (False, True):
+            with ctx():
+                H = HessianOperator(loss, params, model=model, cuda_graphs=graphs)
+                for _ in range(EAGER_BEFORE_CAPTURE + 1):   # with CUDA graphs: eager products, then the capture
+                    H(V)
+                timers.reset()
+                for _ in range(10):
+                    H(V)
+                H.close()
+            print(f"one product alone ({label}, gradient graph reused, CUDA graphs {'on' if H.graphed else 'off'}): "
+                  f"{timers.seconds['products'] / 10 * 1e3:.1f} ms")
     model.train()
     model.set_fused_attention(fused)
 
+    if args.rows <= 0:
+        return
     # torch.profiler over one warm probe of the trained run
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
