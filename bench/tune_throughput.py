@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--hessian-batch", type=int, default=None, help="sharpness.hessian_batch (default: --batch)")
     p.add_argument("--json", help="write the results here (rewritten after every packing)")
     p.add_argument("--mps", action="store_true", help="run the trials under an MPS daemon (concurrent kernels)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="sharpness.cuda_graphs: false (Hessian-vector products launched kernel by kernel)")
     args = p.parse_args(argv)
     with cuda_mps(args.mps):   # before this process or a trial touches CUDA
         return sweep(args)
@@ -117,7 +119,8 @@ def sweep(args) -> int:
             "resources": {"gpu": (1.0 / k) if gpus else 0, "cpu": 1, "max_concurrent": k},
             "model": {"preset": args.preset},
             "data": {**data, "batch_size": args.batch},
-            "sharpness": {"hessian_batch": args.hessian_batch or args.batch, "every": args.every},
+            "sharpness": {"hessian_batch": args.hessian_batch or args.batch, "every": args.every,
+                          "cuda_graphs": not args.no_cuda_graphs},
             "train": {"steps": args.steps, "checkpoint_every": 10_000, "print_every": 0},
         }
         spec = load_spec("paper", overrides=[overrides])
@@ -142,7 +145,9 @@ def sweep(args) -> int:
     dev = gpu_name() if gpus else platform.processor() or "cpu"
     cadence = "every step" if args.every == 1 else f"every {args.every} steps"
     sharing = "MPS" if args.mps else "time-sliced (no MPS)"
-    print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, λ₁(P⁻¹H) {cadence}, {dev}, GPU sharing: {sharing}")
+    graphs = "off" if args.no_cuda_graphs else "on"
+    print(f"\nTune sweep, preset {args.preset}, batch {args.batch}, λ₁(P⁻¹H) {cadence}, {dev}, GPU sharing: {sharing}, "
+          f"CUDA-graph products: {graphs}")
     print("| trials per GPU | trial-steps | wall s | trial-steps/s | speed-up | speed-up (training time only) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -151,6 +156,7 @@ def sweep(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"device": dev, "date": str(date.today()), "preset": args.preset,
                                                "batch": args.batch, "steps": args.steps, "every": args.every, "mps": args.mps,
+                                               "cuda_graphs": not args.no_cuda_graphs,
                                                "rows": rows}, indent=2, default=str))
     return 0
 
