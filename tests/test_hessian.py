@@ -129,6 +129,30 @@ def test_graph_reuse_sees_the_parameters_of_its_construction():
     torch.testing.assert_close(first, H0 @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_batched_products_fall_back_to_columns_where_vmap_fails(unet_problem, monkeypatch):
+    """Where PyTorch's vmapped double backward raises (its batching rules for
+    convolutions on CUDA, and on the CPU with torch 2.11), the batched method
+    warns once and gives the same products column by column."""
+    model, loss, H = unet_problem
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grad = torch.autograd.grad
+    batched_calls = []
+
+    def vmap_fails(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            batched_calls.append(1)
+            raise RuntimeError("The size of tensor a (2) must match the size of tensor b (64) at non-singleton dim 4")
+        return grad(*args, **kwargs)
+    monkeypatch.setattr(torch.autograd, "grad", vmap_fails)
+    with HessianOperator(loss, trainable_parameters(model), method="double_backward_batched") as op:
+        with pytest.warns(RuntimeWarning, match="one vector at a time"):
+            HV = op(V)
+        again = op(V[:, :2])    # no second attempt, no second warning
+    assert len(batched_calls) == 1
+    torch.testing.assert_close(HV, H @ V, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(again, H @ V[:, :2], rtol=1e-9, atol=1e-12)
+
+
 def test_cuda_graphs_are_ignored_on_the_cpu(unet_problem):
     model, loss, H = unet_problem
     V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

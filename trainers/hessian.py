@@ -25,7 +25,9 @@ derivatives use the ordinary fast kernels
 (:mod:`trainers.conv_double_backward`, ``fast_conv=True``), which brings a
 graph-reusing product to 2.3 gradients.
 ``double_backward_batched`` (``is_grads_batched``) fails on CUDA inside
-GroupNorm's double backward (a vmap shape error) and is correct on the CPU.
+GroupNorm's double backward (a vmap shape error), and with torch 2.11 also
+inside a convolution's on the CPU (torch 2.14 is correct there); where it
+fails, the operator warns once and computes the block column by column.
 ``double_backward`` is the default: exact, supported by every op with a
 double-backward formula, and its graph serves all products of a probe.
 
@@ -55,6 +57,7 @@ forward over reverse swaps the parameters for functional ones through
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -207,6 +210,7 @@ class HessianOperator:
         self._captured: dict = {}   # TF32 setting -> (CUDA graph, input buffer, output buffer)
         self._eager: dict = {}      # TF32 setting -> products computed without a CUDA graph
         self._wrt = self.params     # the leaves the gradient graph is differentiated with respect to
+        self._unbatchable = False   # double_backward_batched: PyTorch's vmapped double backward failed here
         if method.startswith("forward_over_reverse") or self._cuda_graphs:
             if model is None:
                 raise ValueError(f"model: method {method!r} needs the model the parameters belong to")
@@ -310,15 +314,26 @@ class HessianOperator:
         live_params = [self._wrt[i] for i in live]
         live_grads = [self._grads[i] for i in live]
         parts = unflatten(V, self.params)
-        if batched:
-            hv = torch.autograd.grad(live_grads, live_params, [parts[i] for i in live], retain_graph=True,
-                                     allow_unused=True, is_grads_batched=True)
-            hv = _zeros_for_none(hv, [torch.empty((V.shape[1], *p.shape), device=p.device, dtype=p.dtype)
-                                      for p in live_params])
-            full = [torch.zeros((V.shape[1], *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
-            for i, h in zip(live, hv):
-                full[i] = h
-            return _flat_block(full)
+        if batched and not self._unbatchable:
+            try:
+                hv = torch.autograd.grad(live_grads, live_params, [parts[i] for i in live], retain_graph=True,
+                                         allow_unused=True, is_grads_batched=True)
+            except RuntimeError as e:
+                # PyTorch's batching rules for some double-backward formulas
+                # (convolutions and GroupNorm on CUDA; convolutions on the CPU
+                # with torch 2.11) raise shape errors: the block is then
+                # computed column by column, exactly, with one warning
+                self._unbatchable = True
+                warnings.warn(f"double_backward_batched: PyTorch's vmapped double backward failed on this model "
+                              f"({str(e).splitlines()[0]}); computing products one vector at a time (same values; "
+                              "sharpness.hvp: double_backward is the fast default)", RuntimeWarning, stacklevel=3)
+            else:
+                hv = _zeros_for_none(hv, [torch.empty((V.shape[1], *p.shape), device=p.device, dtype=p.dtype)
+                                          for p in live_params])
+                full = [torch.zeros((V.shape[1], *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
+                for i, h in zip(live, hv):
+                    full[i] = h
+                return _flat_block(full)
         for j in range(V.shape[1]):
             out[:, j] = self._column_product(V[:, j])
         return out
