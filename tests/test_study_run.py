@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ray_address():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    # a CPU-only local cluster wherever the tests run (num_gpus=0: a GPU machine's
+    # card would otherwise join it, and the no-GPU checks below would not apply)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
