@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 
@@ -43,12 +44,26 @@ def base_config(args) -> dict:
     }
 
 
-def _run(cfg: dict, run_dir: str, seconds: float) -> None:
+def _run(cfg: dict, run_dir: str, seconds: float, threads: int | None = None) -> None:
+    import torch
+
     from trainers.loop import train
 
+    if threads:
+        torch.set_num_threads(threads)
     start = time.monotonic()
     train(cfg, run_dir, resume=False,
           on_step=lambda row: "stopped" if time.monotonic() - start > seconds else None)
+
+
+def cpu_threads_per_run(device: str, runs: int) -> int | None:
+    """Intra-op threads per run process when ``runs`` runs train at once on
+    the CPU (the cores split evenly, at least one each); None on a GPU."""
+    from trainers.loop import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return None
+    return max(1, (os.cpu_count() or 1) // max(runs, 1))
 
 
 def pilot_lambda(cfg: dict) -> float:
@@ -102,7 +117,11 @@ def main(argv=None) -> int:
         run_config(cfg)
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_run, args=(cfg, str(out / name), args.minutes * 60)) for name, cfg in runs.items()]
+    # CPU runs share the cores: each process's own default (all cores) would
+    # oversubscribe the machine len(runs) times over
+    threads = cpu_threads_per_run(args.device, len(runs))
+    procs = [ctx.Process(target=_run, args=(cfg, str(out / name), args.minutes * 60, threads))
+             for name, cfg in runs.items()]
     for proc in procs:
         proc.start()
     for proc in procs:

@@ -74,3 +74,12 @@ def test_tiny_gd_and_adam_run_end_to_end(tmp_path):
     for col in ("ratio_even_steps", "lambda2_ratio_median", "grad_curvature_ratio_median"):
         assert col in summary
     assert (out / "eos_lambda.png").stat().st_size > 0 and (out / "eos_ratio.png").stat().st_size > 0
+
+
+def test_cpu_runs_split_the_cores(monkeypatch):
+    monkeypatch.setattr(reproduce_eos.os, "cpu_count", lambda: 16)
+    assert reproduce_eos.cpu_threads_per_run("cpu", 2) == 8
+    assert reproduce_eos.cpu_threads_per_run("cpu", 3) == 5
+    assert reproduce_eos.cpu_threads_per_run("cpu", 40) == 1
+    monkeypatch.setattr(reproduce_eos.os, "cpu_count", lambda: None)
+    assert reproduce_eos.cpu_threads_per_run("cpu", 2) == 1
