@@ -18,7 +18,8 @@ measures on the frozen Hessian batch
 
 Each eigenproblem is solved by block LOBPCG (:mod:`trainers.lobpcg`),
 warm-started from the previous probe's vectors; the Hessian-vector products
-reuse one gradient graph per probe (:mod:`trainers.hessian`).
+reuse one gradient graph per probe and, on a GPU, are replayed as CUDA graphs
+(``sharpness.cuda_graphs``; :mod:`trainers.hessian`).
 
 The probe leaves training undisturbed: parameters and their ``.grad`` are not
 touched, the global RNG is not used (its own generator is part of
