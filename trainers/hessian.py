@@ -302,38 +302,41 @@ class HessianOperator:
                 out[:, j] = v_out
         return out
 
+    def _batched_double_backward(self, V: torch.Tensor) -> Optional[torch.Tensor]:
+        """HV for the block V by one vmapped second backward pass, or None
+        where PyTorch's batching rules for a double-backward formula raise
+        (convolutions and GroupNorm on CUDA; convolutions on the CPU with
+        torch 2.11): then this operator warns once and goes column by column."""
+        live, k = self._live, V.shape[1]
+        parts = unflatten(V, self.params)
+        try:
+            hv = torch.autograd.grad([self._grads[i] for i in live], [self._wrt[i] for i in live],
+                                     [parts[i] for i in live], retain_graph=True, allow_unused=True,
+                                     is_grads_batched=True)
+        except RuntimeError as e:
+            self._unbatchable = True
+            warnings.warn(f"double_backward_batched: PyTorch's vmapped double backward failed on this model "
+                          f"({str(e).splitlines()[0]}); computing products one vector at a time (same values; "
+                          "sharpness.hvp: double_backward is the fast default)", RuntimeWarning, stacklevel=4)
+            return None
+        full = [torch.zeros((k, *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
+        for i, h in zip(live, hv):
+            if h is not None:
+                full[i] = h
+        return _flat_block(full)
+
     def _double_backward(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
         if self._grads is None:
             self._build_graph()
-        live = self._live
-        if not live:
+        if not self._live:
             return torch.zeros_like(V)
-        if self._cuda_graphs and not batched:
-            return self._graphed_double_backward(V)
-        out = torch.zeros_like(V)
-        live_params = [self._wrt[i] for i in live]
-        live_grads = [self._grads[i] for i in live]
-        parts = unflatten(V, self.params)
         if batched and not self._unbatchable:
-            try:
-                hv = torch.autograd.grad(live_grads, live_params, [parts[i] for i in live], retain_graph=True,
-                                         allow_unused=True, is_grads_batched=True)
-            except RuntimeError as e:
-                # PyTorch's batching rules for some double-backward formulas
-                # (convolutions and GroupNorm on CUDA; convolutions on the CPU
-                # with torch 2.11) raise shape errors: the block is then
-                # computed column by column, exactly, with one warning
-                self._unbatchable = True
-                warnings.warn(f"double_backward_batched: PyTorch's vmapped double backward failed on this model "
-                              f"({str(e).splitlines()[0]}); computing products one vector at a time (same values; "
-                              "sharpness.hvp: double_backward is the fast default)", RuntimeWarning, stacklevel=3)
-            else:
-                hv = _zeros_for_none(hv, [torch.empty((V.shape[1], *p.shape), device=p.device, dtype=p.dtype)
-                                          for p in live_params])
-                full = [torch.zeros((V.shape[1], *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
-                for i, h in zip(live, hv):
-                    full[i] = h
-                return _flat_block(full)
+            out = self._batched_double_backward(V)
+            if out is not None:
+                return out
+        if self._cuda_graphs:   # double_backward only
+            return self._graphed_double_backward(V)
+        out = torch.empty_like(V)
         for j in range(V.shape[1]):
             out[:, j] = self._column_product(V[:, j])
         return out

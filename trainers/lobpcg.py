@@ -296,7 +296,7 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
     while True:
         R = AX - combine(X, torch.diag(theta))
         theta_cpu = theta.cpu()
-        rel = _relative_residuals(R, theta)
+        rel = _relative_residuals(R, theta_cpu)
         if callback is not None:
             callback(iterations, products, theta_cpu.clone(), rel.clone())
         wanted_tol = stopping_tolerances(theta_cpu, nwanted, tol, accuracy, min_tol)
