@@ -4,7 +4,7 @@ Two layouts are understood:
 
 * a **study** ``results/<study>/``::
 
-      steps/variant=<v>/trial=<trial_id>/part-*.parquet   per-step rows (trainers.steplog schema)
+      steps/variant=<v>/trial=<trial_id>/part-*.parquet   per-step rows (trainers.run.steplog schema)
       trials.parquet                                      one row per trial
 
   ``trials.parquet`` must have the columns ``trial_id``, ``variant``, ``lr``,
@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from trainers.steplog import SCHEMA, read_steps
+from trainers.run.steplog import SCHEMA, read_steps
 
 # Step-log columns the analysis reads (the list-valued ``topk`` and the JSON
 # ``variant_stats`` are left out unless asked for).

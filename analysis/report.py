@@ -205,7 +205,7 @@ def sample_metrics_note(per_trial: pd.DataFrame) -> Optional[str]:
     """None when some trial has an FID; else why there is none and how to get it."""
     if "fid" in per_trial and np.isfinite(per_trial["fid"].astype(float)).any():
         return None
-    from analysis.fid import InceptionWeightsMissing, find_inception_weights
+    from trainers.run.fid import InceptionWeightsMissing, find_inception_weights
 
     note = ("No FID/IS/KID was measured in this study. They are computed during training every "
             "`eval.every` steps (0 turns them off) from EMA samples, and need the Inception weights.")

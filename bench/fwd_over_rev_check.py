@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.hessian import HessianOperator, trainable_parameters  # noqa: E402
-from trainers.unet import AttnBlock, ResBlock, build_unet  # noqa: E402
+from trainers.curvature.hessian import HessianOperator, trainable_parameters  # noqa: E402
+from trainers.diffusion.unet import AttnBlock, ResBlock, build_unet  # noqa: E402
 
 
 class Interp(nn.Module):

@@ -1,6 +1,6 @@
 """Where the time of a Hessian-vector product goes: the top operators of one
 gradient, one graph-reusing double-backward HVP (PyTorch's convolution double
-backward, and trainers/conv_double_backward.py) and one vmapped
+backward, and trainers/curvature/conv_double_backward.py) and one vmapped
 forward-over-reverse block, by self device time (torch.profiler).
 
     python bench/hvp_profile.py --preset ddpm-cifar10 --batch 128 --device cuda
@@ -17,11 +17,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.config import ScheduleConfig, VariantConfig  # noqa: E402
-from trainers.hessian import HessianOperator, trainable_parameters  # noqa: E402
-from trainers.schedules import NoiseSchedule  # noqa: E402
-from trainers.sharpness import exact_float32  # noqa: E402
-from trainers.unet import build_unet  # noqa: E402
-from trainers.variants import build_variant  # noqa: E402
+from trainers.curvature.hessian import HessianOperator, trainable_parameters  # noqa: E402
+from trainers.diffusion.schedules import NoiseSchedule  # noqa: E402
+from trainers.curvature.probe import exact_float32  # noqa: E402
+from trainers.diffusion.unet import build_unet  # noqa: E402
+from trainers.diffusion.variants import build_variant  # noqa: E402
 
 
 def main(argv=None):

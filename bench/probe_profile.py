@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers import sharpness as sharpness_mod  # noqa: E402
-from trainers.hessian import EAGER_BEFORE_CAPTURE, HessianOperator, trainable_parameters  # noqa: E402
-from trainers.sharpness import SharpnessProbe  # noqa: E402
+from trainers.curvature import probe as sharpness_mod  # noqa: E402
+from trainers.curvature.hessian import EAGER_BEFORE_CAPTURE, HessianOperator, trainable_parameters  # noqa: E402
+from trainers.curvature.probe import SharpnessProbe  # noqa: E402
 from trainers.config import run_config  # noqa: E402
-from trainers.loop import Trainer, train  # noqa: E402
+from trainers.run.loop import Trainer, train  # noqa: E402
 
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
 
@@ -100,7 +100,7 @@ def profile_probe(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
 
-    from trainers.cli import parse_override
+    from trainers.run.cli import parse_override
     from trainers.config import merge
     cfg = {"model": {"preset": args.preset}, "variant": {"name": "base"},
            "data": {"name": "synthetic", "image_size": args.image_size, "batch_size": args.batch},

@@ -3,7 +3,7 @@
 One run, on one model and one frozen Hessian batch, measures
 
 1. the cost of a Hessian-vector product relative to a gradient, for every
-   implementation in :mod:`trainers.hessian` and for the two reference
+   implementation in :mod:`trainers.curvature.hessian` and for the two reference
    packages (``pyhessian``, ``hessian-eigenthings``);
 2. cold starts: Hessian-vector products (HVPs) and seconds until λ₁ is within
    1e-3 (relative) of a tight reference, and where each solver stops by its
@@ -46,15 +46,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainers.config import DataConfig, OptimConfig, ScheduleConfig, SharpnessConfig, VariantConfig  # noqa: E402
-from trainers.data import load_images, to_model_range  # noqa: E402
-from trainers.hessian import METHODS, HessianOperator, flatten, hessian_vector_product, trainable_parameters  # noqa: E402
-from trainers.lobpcg import lobpcg  # noqa: E402
-from trainers.optimizers import adam_preconditioner, build_optimizer  # noqa: E402
-from trainers.schedules import NoiseSchedule  # noqa: E402
-from trainers.sharpness import (SharpnessProbe, exact_float32, has_tf32, top_eigenpairs,  # noqa: E402
+from trainers.run.data import load_images, to_model_range  # noqa: E402
+from trainers.curvature.hessian import METHODS, HessianOperator, flatten, hessian_vector_product, trainable_parameters  # noqa: E402
+from trainers.curvature.lobpcg import lobpcg  # noqa: E402
+from trainers.curvature.thresholds import adam_preconditioner  # noqa: E402
+from trainers.run.optimizers import build_optimizer  # noqa: E402
+from trainers.diffusion.schedules import NoiseSchedule  # noqa: E402
+from trainers.curvature.probe import (SharpnessProbe, exact_float32, has_tf32, top_eigenpairs,  # noqa: E402
                                 warm_start_transport, with_tf32)
-from trainers.unet import build_unet, count_parameters  # noqa: E402
-from trainers.variants import build_variant  # noqa: E402
+from trainers.diffusion.unet import build_unet, count_parameters  # noqa: E402
+from trainers.diffusion.variants import build_variant  # noqa: E402
 
 ACC = 1e-3   # "accurate": |λ − λ_ref| ≤ ACC·|λ_ref|
 
@@ -169,7 +170,7 @@ def reference(op, n, dtype, device, X0, args):
 
 def run_lobpcg(op, X0, n, dtype, device, args, guard_tol=None, gen_seed=0, tol=None, search_tf32=False):
     """One residual-stopped solve; ``search_tf32``: the probe's TF32 search +
-    float32 check (:func:`trainers.lobpcg.lobpcg_verified`).  The trajectory
+    float32 check (:func:`trainers.curvature.lobpcg.lobpcg_verified`).  The trajectory
     is [(products, θ₁, residual₁)], products of both kinds counted as 1."""
     traj = []
     tol = args.tol if tol is None else tol
@@ -353,7 +354,7 @@ def reference_package_costs(pb: Problem, V, ref, t_grad, reps):
         sync(pb.device)
         t_init = time.perf_counter() - t0
         from pyhessian.utils import hessian_vector_product as py_hvp
-        from trainers.hessian import unflatten
+        from trainers.curvature.hessian import unflatten
         v = unflatten(V[:, 0].contiguous(), hess.params)
         t, hv = timed(lambda: py_hvp(hess.gradsH, hess.params, v), pb.device, reps)
         err = float((flatten(hv) - ref[:, 0]).norm() / ref[:, 0].norm())
@@ -539,7 +540,7 @@ def part_warm(pb: Problem, args, out: list, refs, t_grad: float, t_hvp: float, t
 
     'transported' warm starts carry the λ₁(P⁻¹H) vectors over to the new
     preconditioner (y ← (D_new / D_old) y, D = P^{-1/2}; see
-    :func:`trainers.sharpness.warm_start_transport`).  Seconds include building
+    :func:`trainers.curvature.probe.warm_start_transport`).  Seconds include building
     the gradient graph once per step."""
     device = pb.device
     n = sum(p.numel() for p in pb.params)

@@ -19,9 +19,9 @@ from datetime import date
 import torch
 
 from trainers.config import ScheduleConfig, VariantConfig
-from trainers.schedules import NoiseSchedule
-from trainers.unet import build_unet, count_parameters
-from trainers.variants import build_variant
+from trainers.diffusion.schedules import NoiseSchedule
+from trainers.diffusion.unet import build_unet, count_parameters
+from trainers.diffusion.variants import build_variant
 
 
 def sync(device):

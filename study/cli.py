@@ -1,7 +1,7 @@
 """The ``eos`` command: one entry point, one subcommand per area.
 
-    eos train   ...   single trials (trainers.cli)
-    eos sample  ...   sample grid from a run's EMA weights (trainers.cli)
+    eos train   ...   single trials (trainers.run.cli)
+    eos sample  ...   sample grid from a run's EMA weights (trainers.run.cli)
     eos study   ...   Ray Tune / Optuna sweeps (study.commands)
     eos report  ...   EoS report of a study (analysis.cli)
 """
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-AREAS = ("trainers.cli", "study.commands", "analysis.cli")
+AREAS = ("trainers.run.cli", "study.commands", "analysis.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ EPILOG = """spec format (see study/spec.py and study/presets/):
 
 def _run(args: argparse.Namespace) -> int:
     from study.spec import load_spec
-    from trainers.cli import parse_override
+    from trainers.run.cli import parse_override
     from trainers.config import ConfigError
 
     try:

@@ -47,7 +47,7 @@ def base_config(args) -> dict:
 def _run(cfg: dict, run_dir: str, seconds: float, threads: int | None = None) -> None:
     import torch
 
-    from trainers.loop import train
+    from trainers.run.loop import train
 
     if threads:
         torch.set_num_threads(threads)
@@ -59,7 +59,7 @@ def _run(cfg: dict, run_dir: str, seconds: float, threads: int | None = None) ->
 def cpu_threads_per_run(device: str, runs: int) -> int | None:
     """Intra-op threads per run process when ``runs`` runs train at once on
     the CPU (the cores split evenly, at least one each); None on a GPU."""
-    from trainers.loop import resolve_device
+    from trainers.run.loop import resolve_device
 
     if resolve_device(device).type != "cpu":
         return None
@@ -68,7 +68,7 @@ def cpu_threads_per_run(device: str, runs: int) -> int | None:
 
 def pilot_lambda(cfg: dict) -> float:
     """λ₁(H) of the fixed-batch objective at initialisation."""
-    from trainers.loop import Trainer, learning_rate
+    from trainers.run.loop import Trainer, learning_rate
 
     trainer = Trainer(run_config(merge(cfg, {"optim": {"name": "gd", "lr": 1.0},
                                              "sharpness": {"tol": 1e-4, "max_iters": 200}})))

@@ -99,7 +99,7 @@ def prepare_data(spec: StudySpec) -> None:
     """Fetch a downloadable data set once, in the driver, before trials
     start (concurrent trials downloading into one folder would collide)."""
     from trainers.config import DataConfig, from_dict
-    from trainers.data import load_cifar10
+    from trainers.run.data import load_cifar10
 
     data = from_dict(DataConfig, spec.data, "data")
     if data.name == "cifar10":

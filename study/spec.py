@@ -90,7 +90,7 @@ class StudySection:
     variant_options: dict[str, Any] = field(default_factory=dict)  # variant -> VariantConfig.options
 
     def __post_init__(self):
-        from trainers.variants import VARIANTS
+        from trainers.diffusion.variants import VARIANTS
 
         if not self.name:
             _fail("study.name", "is required (or pass --name)")
@@ -305,8 +305,8 @@ def _check_run_sections(spec: StudySpec) -> None:
 
 def _validate_trials(spec: StudySpec) -> None:
     """Build the RunConfig of every trial (both ends of an Optuna range)."""
-    from trainers.schedules import NoiseSchedule
-    from trainers.variants import build_variant
+    from trainers.diffusion.schedules import NoiseSchedule
+    from trainers.diffusion.variants import build_variant
 
     if spec.search.algorithm == "grid":
         keys = spec.grid_trials()

@@ -1,4 +1,4 @@
-"""The Tune function trainable: one trial = one :func:`trainers.loop.train` run.
+"""The Tune function trainable: one trial = one :func:`trainers.run.loop.train` run.
 
 A trial's run folder is ``<study>/runs/<trial_id>`` with ``trial_id`` a pure
 function of (variant, lr, seed), so whoever runs the trial — the first
@@ -83,7 +83,7 @@ def _ckpt_step(path: Path) -> int:
 def restore_checkpoint(checkpoint, run_dir: Path) -> Optional[Path]:
     """Copy the trainer checkpoint held by a Tune ``checkpoint`` into
     ``run_dir/checkpoints`` unless the folder already has one as new."""
-    from trainers.loop import checkpoints
+    from trainers.run.loop import checkpoints
 
     if checkpoint is None:
         return None
@@ -119,8 +119,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     import torch
     from ray import tune
 
-    from trainers.loop import train
-    from trainers.steplog import read_steps
+    from trainers.run.loop import train
+    from trainers.run.steplog import read_steps
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per checkpoint
     spec = plan.spec

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from study.layout import StudyLayout
-from trainers.steplog import read_steps, write_table_atomic
+from trainers.run.steplog import read_steps, write_table_atomic
 
 STATUSES = ("completed", "diverged", "stopped", "error")
 FINAL_STATUSES = ("completed", "diverged", "stopped")

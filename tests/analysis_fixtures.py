@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from trainers.config import run_config
-from trainers.steplog import StepLog
+from trainers.run.steplog import StepLog
 
 BETA1 = 0.9
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from trainers.unet import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
+from trainers.diffusion.unet import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
 
 
 class MLP(nn.Module):
@@ -41,7 +41,7 @@ class TinyConvNet(nn.Module):
 class TinyUNetLike(nn.Module):
     """The U-Net's own blocks at 2 channels (≈ 500 parameters): timestep
     embedding, ResBlocks with GroupNorm, self-attention, down/up-sampling and
-    a skip concatenation.  ``model(x, t)`` like :class:`trainers.unet.UNet`."""
+    a skip concatenation.  ``model(x, t)`` like :class:`trainers.diffusion.unet.UNet`."""
 
     def __init__(self, ch: int = 2, temb_ch: int = 4):
         super().__init__()

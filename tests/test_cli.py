@@ -2,8 +2,8 @@ import json
 import subprocess
 import sys
 
-from trainers.cli import parse_override
-from trainers.steplog import read_steps
+from trainers.run.cli import parse_override
+from trainers.run.steplog import read_steps
 from study.cli import main
 
 

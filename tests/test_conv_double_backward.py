@@ -6,8 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from curvature_fixtures import dense_hessian, unet_blocks_problem
-from trainers.conv_double_backward import conv2d, fast_double_backward
-from trainers.hessian import HessianOperator, trainable_parameters
+from trainers.curvature.conv_double_backward import conv2d, fast_double_backward
+from trainers.curvature.hessian import HessianOperator, trainable_parameters
 
 CASES = [  # (in_ch, out_ch, kernel, stride, padding, dilation, groups, bias)
     (2, 3, 3, 1, 1, 1, 1, True),

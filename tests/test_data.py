@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainers.config import ConfigError, DataConfig
-from trainers.data import Batches, load_images, synthetic_images
+from trainers.run.data import Batches, load_images, synthetic_images
 
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-6k.npz"
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from curvature_fixtures import unet_blocks_problem, MLP, TinyConvNet, TinyUNetLike, dense_hessian, randomize
-from trainers.hessian import (METHODS, HessianOperator, flatten, gradient, hessian_vector_product,
+from trainers.curvature.hessian import (METHODS, HessianOperator, flatten, gradient, hessian_vector_product,
                               hessian_vector_products, trainable_parameters, unflatten)
 
 
@@ -184,8 +184,8 @@ def test_cuda_graph_products_equal_plain_products_on_the_gpu():
     """The replayed second backward gives the plain products (float32 U-Net
     with attention, GroupNorm and the fast convolution double backward), for
     the TF32 and the float32 setting, and after many replays."""
-    from trainers.sharpness import exact_float32, tf32
-    from trainers.unet import build_unet
+    from trainers.curvature.probe import exact_float32, tf32
+    from trainers.diffusion.unet import build_unet
 
     torch.manual_seed(0)
     device = torch.device("cuda")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from curvature_fixtures import symmetric_with_spectrum
-from trainers.lobpcg import lobpcg, lobpcg_verified, orthonormalize_against, stopping_tolerances, svqb
+from trainers.curvature.lobpcg import lobpcg, lobpcg_verified, orthonormalize_against, stopping_tolerances, svqb
 
 N = 300
 

@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny_config
 from trainers.config import ConfigError, run_config
-from trainers.loop import Trainer, read_status, train
-from trainers.steplog import read_steps
+from trainers.run.loop import Trainer, read_status, train
+from trainers.run.steplog import read_steps
 
 
 class Crash(RuntimeError):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from test_analysis_fid import RandomConvFeatures
-from trainers.loop import train
-from trainers.steplog import read_steps
+from test_fid import RandomConvFeatures
+from trainers.run.loop import train
+from trainers.run.steplog import read_steps
 
 
 def test_fid_every_n_steps_fills_the_log_columns(tmp_path):
@@ -23,7 +23,7 @@ def test_fid_every_n_steps_fills_the_log_columns(tmp_path):
 
 
 def test_missing_inception_weights_fail_before_training(tmp_path):
-    from analysis.fid import InceptionWeightsMissing
+    from trainers.run.fid import InceptionWeightsMissing
 
     cfg = tiny_config(eval={"every": 5, "inception_weights": str(tmp_path / "no-such-weights.pth")})
     with pytest.raises(InceptionWeightsMissing, match="inception_weights"):

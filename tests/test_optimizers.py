@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from trainers.config import OptimConfig
-from trainers.optimizers import adam_threshold, build_optimizer, gd_threshold, momentum_threshold, stability_threshold
+from trainers.curvature.thresholds import adam_threshold, gd_threshold, momentum_threshold, stability_threshold
+from trainers.run.optimizers import build_optimizer
 
 
 def test_threshold_formulas():

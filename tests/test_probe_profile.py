@@ -26,9 +26,9 @@ def test_probe_profile_parts_add_up(capsys):
     assert parts["products"] > 0
     assert "one product alone (float32, gradient graph reused, CUDA graphs off)" in out
     # the timers it wraps around the probe are gone again
-    from trainers.hessian import HessianOperator
-    from trainers.loop import Trainer
-    from trainers.sharpness import SharpnessProbe
-    assert HessianOperator.__call__.__module__ == "trainers.hessian"
+    from trainers.curvature.hessian import HessianOperator
+    from trainers.run.loop import Trainer
+    from trainers.curvature.probe import SharpnessProbe
+    assert HessianOperator.__call__.__module__ == "trainers.curvature.hessian"
     assert SharpnessProbe.measure.__qualname__ == "SharpnessProbe.measure"
     assert Trainer.measure_sharpness.__qualname__ == "Trainer.measure_sharpness"

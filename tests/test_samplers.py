@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from trainers.config import SAMPLERS, ScheduleConfig, VariantConfig
-from trainers.samplers import (DEFAULT_SPACING, SPACINGS, generate, karras_sigmas, logsnr_sigmas, noise_levels,
+from trainers.diffusion.samplers import (DEFAULT_SPACING, SPACINGS, generate, karras_sigmas, logsnr_sigmas, noise_levels,
                                quadratic_timesteps, sample, sample_ddim, save_grid, strided_timesteps)
-from trainers.schedules import NoiseSchedule, linear_betas
-from trainers.unet import build_unet
-from trainers.variants import build_variant
+from trainers.diffusion.schedules import NoiseSchedule, linear_betas
+from trainers.diffusion.unet import build_unet
+from trainers.diffusion.variants import build_variant
 
 MU, S = 0.3, 0.5
 SHAPE = (20000, 1, 2, 2)

@@ -3,7 +3,7 @@ import math
 import torch
 
 from trainers.config import ScheduleConfig
-from trainers.schedules import NoiseSchedule, cosine_betas, linear_betas
+from trainers.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas
 
 
 def test_linear_schedule_endpoints_and_alpha_bar_product():

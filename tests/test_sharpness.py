@@ -7,9 +7,10 @@ import torch
 from curvature_fixtures import (unet_blocks_problem, MLP, Quadratic, TinyUNetLike, dense_gradient, dense_hessian, randomize,
                                 symmetric_with_spectrum, top_eigenvalues)
 from trainers.config import OptimConfig, SharpnessConfig
-from trainers.optimizers import build_optimizer
-from trainers.sharpness import COLUMNS, SharpnessProbe, batch_sharpness
-from trainers.steplog import COLUMNS as LOG_COLUMNS
+from trainers.run.optimizers import build_optimizer
+from trainers.curvature.probe import COLUMNS, SharpnessProbe, batch_sharpness
+from trainers.run.steplog import COLUMNS as LOG_COLUMNS
+from trainers.diffusion.variants import VARIANTS
 
 TIGHT = dict(tol=1e-8, max_iters=500)
 
@@ -356,7 +357,7 @@ def test_tf32_search_is_checked_in_float32(monkeypatch, tol):
     """The TF32 search path (forced on here: the CPU has no TF32, so its
     products are exact) reports λ to the same accuracy as float32 products,
     and its HVP count includes the float32 check."""
-    import trainers.sharpness as sharpness
+    import trainers.curvature.probe as sharpness
 
     model, loss = unet_blocks_problem()
     true = top_eigenvalues(dense_hessian(model, loss), 1)[0]
@@ -378,14 +379,14 @@ def test_tf32_search_is_checked_in_float32(monkeypatch, tol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("variant", ["base", "edm", "vparam", "snr", "pd", "adap_s", "stf"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cuda_graph_probe_matches_the_plain_probe_in_training(variant, tmp_path):
     """Every variant's probe with CUDA-graph products, inside the training
     loop (whose previous step's autograd graph is still referenced, and whose
     dropout draws from the CUDA generator), logs what the plain probe logs
     and leaves the training trajectory bit-for-bit unchanged."""
-    from trainers.loop import train
-    from trainers.steplog import read_steps
+    from trainers.run.loop import train
+    from trainers.run.steplog import read_steps
 
     logs = {}
     for graphs in (False, True):

@@ -1,7 +1,7 @@
 import pyarrow.parquet as pq
 import pytest
 
-from trainers.steplog import SCHEMA, SCHEMA_VERSION, StepLog, read_steps
+from trainers.run.steplog import SCHEMA, SCHEMA_VERSION, StepLog, read_steps
 
 
 def test_chunks_are_written_atomically_with_the_schema(tmp_path):

@@ -87,14 +87,14 @@ def test_presets_smoke_and_paper_and_optuna():
 
 
 def test_paper_and_optuna_presets_list_all_seven_variants():
-    from trainers.variants import VARIANTS
+    from trainers.diffusion.variants import VARIANTS
 
     wanted = ["base", "edm", "vparam", "snr", "pd", "adap_s", "stf"]
     for name in ("paper", "optuna"):
         assert read_spec_file(name)["study"]["variants"] == wanted
     missing = [v for v in wanted if v not in VARIANTS]
     if missing:
-        pytest.skip(f"variants {missing} are not registered in trainers.variants yet")
+        pytest.skip(f"variants {missing} are not registered in trainers.diffusion.variants yet")
     paper = load_spec("paper")
     assert paper.num_trials() == 21 and paper.search.lr.grid == [1e-3, 5e-4, 1e-4]
     assert paper.study.optimizer == "adam" and paper.resources.gpu == 0.25
@@ -352,7 +352,7 @@ def make_run(layout, variant, lr, seed, rows, status=None):
     """A run folder as the trainer leaves it: config.json, status.json, the step log."""
     from study.spec import trial_id as name
     from trainers.config import run_config
-    from trainers.steplog import StepLog
+    from trainers.run.steplog import StepLog
 
     tid = name(variant, lr, seed)
     run_dir = layout.prepare_run_dir(variant, tid)

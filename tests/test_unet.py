@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainers.unet import PRESETS, AttnBlock, build_unet, count_parameters, timestep_embedding
+from trainers.diffusion.unet import PRESETS, AttnBlock, build_unet, count_parameters, timestep_embedding
 
 
 def test_ddpm_cifar10_preset_has_35_7M_parameters():

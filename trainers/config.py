@@ -38,12 +38,12 @@ def _choice(value: str, choices: tuple[str, ...], path: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """U-Net preset and overrides (see ``trainers.unet.PRESETS``)."""
+    """U-Net preset and overrides (see ``trainers.diffusion.unet.PRESETS``)."""
     preset: str = "tiny"
     dropout: Optional[float] = None  # None: the preset's own value
 
     def __post_init__(self):
-        from trainers.unet import PRESETS
+        from trainers.diffusion.unet import PRESETS
         _choice(self.preset, tuple(PRESETS), "model.preset")
         if self.dropout is not None:
             _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
@@ -146,7 +146,7 @@ class VariantConfig:
     """Which stabilization variant trains the model, and its options.
 
     ``options`` belong to the variant (each variant validates its own, see
-    ``trainers.variants``); ``offset_noise`` and ``input_perturbation`` apply
+    ``trainers.diffusion.variants``); ``offset_noise`` and ``input_perturbation`` apply
     to every variant.
     """
     name: str = "base"
@@ -155,14 +155,14 @@ class VariantConfig:
     input_perturbation: float = 0.0
 
     def __post_init__(self):
-        from trainers.variants import VARIANTS
+        from trainers.diffusion.variants import VARIANTS
         _choice(self.name, tuple(VARIANTS), "variant.name")
         _check(self.offset_noise >= 0, "variant.offset_noise", f"must be >= 0; got {self.offset_noise}")
         _check(self.input_perturbation >= 0, "variant.input_perturbation",
                f"must be >= 0; got {self.input_perturbation}")
 
 
-#: Hessian-vector product implementations (see trainers/hessian.py)
+#: Hessian-vector product implementations (see trainers/curvature/hessian.py)
 HVP_METHODS = ("double_backward", "double_backward_batched", "forward_over_reverse", "forward_over_reverse_vmap")
 
 
@@ -180,7 +180,7 @@ class SharpnessConfig:
     topk: int = 1                # eigenvalues recorded (<= block_size)
     tol: float = 1e-2            # relative residual ||Hv - λv|| / |λ| to stop (λ error <~ tol²: bench/RESULTS.md)
     # relative λ accuracy: where the top Ritz values are closer than tol allows for (λ error ≈ residual² / gap),
-    # the residual is tightened to √(accuracy · gap / λ) (trainers.lobpcg.stopping_tolerances); 0: tol alone
+    # the residual is tightened to √(accuracy · gap / λ) (trainers.curvature.lobpcg.stopping_tolerances); 0: tol alone
     accuracy: float = 1e-3
     max_iters: int = 100
     warm_start: bool = True
@@ -189,12 +189,12 @@ class SharpnessConfig:
     trace_samples: int = 0       # Hutchinson probes (0: off)
     batch_sharpness: bool = False
     refresh_batch: bool = False  # draw a new Hessian batch at every probe instead of a fixed one
-    hvp: str = "double_backward"  # Hessian-vector product method (trainers.hessian.METHODS)
+    hvp: str = "double_backward"  # Hessian-vector product method (trainers.curvature.hessian.METHODS)
     # "tf32": on GPUs with TF32 (compute capability >= 8) LOBPCG searches with TF32 products and checks the
     # answer with float32 ones (reported λ and residual are float32 values); "float32": every product float32
     search_precision: str = "tf32"
     # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
-    # thousands; trainers.hessian); no effect on the CPU or with other hvp methods
+    # thousands; trainers.curvature.hessian); no effect on the CPU or with other hvp methods
     cuda_graphs: bool = True
 
     def __post_init__(self):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.variants.base import Base, Draw, check_option
+from trainers.diffusion.variants.base import Base, Draw, check_option
 
 
 @dataclass

@@ -3,7 +3,7 @@
     run_dir/
       config.json          the resolved RunConfig
       status.json          {"status", "steps_done", "final_loss", "reason", "wall_time"}
-      steps/part-*.parquet the per-step log (trainers.steplog)
+      steps/part-*.parquet the per-step log (trainers.run.steplog)
       checkpoints/ckpt-<steps_done>.pt
       samples/             sample grids (eval.grid_every)
 
@@ -31,12 +31,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from trainers.config import ConfigError, RunConfig, run_config
-from trainers.data import Batches, load_images
-from trainers.optimizers import build_optimizer, stability_threshold
-from trainers.schedules import NoiseSchedule
-from trainers.steplog import StepLog
-from trainers.unet import build_unet
-from trainers.variants import build_variant
+from trainers.run.data import Batches, load_images
+from trainers.curvature.thresholds import stability_threshold
+from trainers.run.optimizers import build_optimizer
+from trainers.diffusion.schedules import NoiseSchedule
+from trainers.run.steplog import StepLog
+from trainers.diffusion.unet import build_unet
+from trainers.diffusion.variants import build_variant
 
 StepCallback = Callable[[dict], Optional[str]]
 CheckpointCallback = Callable[[Path, int], None]
@@ -117,10 +118,10 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.params)
         self.probe = None
         if cfg.sharpness.every > 0:
-            from trainers.sharpness import SharpnessProbe
+            from trainers.curvature.probe import SharpnessProbe
             self.probe = SharpnessProbe(cfg.sharpness, cfg.optim)
         self.hessian_draw = None
-        self.sample_metrics = None  # analysis.fid.SampleMetrics when eval.every > 0
+        self.sample_metrics = None  # trainers.run.fid.SampleMetrics when eval.every > 0
         self.step = 0
         self.wall_time = 0.0
 
@@ -199,7 +200,7 @@ class Trainer:
             self.model.set_fused_attention(fused)
 
     def _fused(self) -> bool:
-        from trainers.unet import AttnBlock
+        from trainers.diffusion.unet import AttnBlock
         return any(m.fused for m in self.model.modules() if isinstance(m, AttnBlock))
 
     def update_ema(self) -> None:
@@ -253,7 +254,7 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
     if cfg.eval.every:
         # Built once, before training: loads the feature extractor and the real
         # images' features; missing Inception weights fail here, not hours in.
-        from analysis.fid import SampleMetrics
+        from trainers.run.fid import SampleMetrics
         trainer.sample_metrics = SampleMetrics(trainer.batches.images, feature_extractor=feature_extractor,
                                                inception_weights=cfg.eval.inception_weights,
                                                device=trainer.device, batch_size=cfg.eval.batch_size)
@@ -376,7 +377,7 @@ def _progress_line(cfg: RunConfig, steps_done: int, row: dict, rate: float) -> s
 
 def generate_samples(trainer: Trainer, n: int, seed_offset: int = 0) -> torch.Tensor:
     """``n`` images in [-1, 1] from the EMA weights with the configured sampler."""
-    from trainers.samplers import generate
+    from trainers.diffusion.samplers import generate
 
     ev = trainer.cfg.eval
     g = step_generator(trainer.cfg.train.seed, trainer.step + seed_offset, PURPOSE_SAMPLES, trainer.device)
@@ -384,7 +385,7 @@ def generate_samples(trainer: Trainer, n: int, seed_offset: int = 0) -> torch.Te
 
 
 def save_sample_grid(trainer: Trainer, run_dir: Path) -> Path:
-    from trainers.samplers import save_grid
+    from trainers.diffusion.samplers import save_grid
 
     images = generate_samples(trainer, trainer.cfg.eval.grid_size)
     path = run_dir / "samples" / f"step-{trainer.step:09d}.png"
@@ -397,7 +398,7 @@ def _evaluate_into_log(trainer: Trainer, log: StepLog, row: dict) -> None:
     """FID/IS/KID of EMA samples against the training images, written into
     the log row of the step just taken (still buffered: eval runs before the
     checkpoint that flushes it)."""
-    from trainers.data import to_uint8
+    from trainers.run.data import to_uint8
 
     metrics = trainer.sample_metrics(to_uint8(generate_samples(trainer, trainer.cfg.eval.samples)))
     log.update_last(**{k: metrics.get(k) for k in ("fid", "inception_score", "kid")})

@@ -22,7 +22,7 @@ block of two.  A third of the double-backward time was one slow cuDNN kernel
 that PyTorch's double backward of a convolution picks; given the ``model``,
 the operator builds its gradient graph with convolutions whose second
 derivatives use the ordinary fast kernels
-(:mod:`trainers.conv_double_backward`, ``fast_conv=True``), which brings a
+(:mod:`trainers.curvature.conv_double_backward`, ``fast_conv=True``), which brings a
 graph-reusing product to 2.3 gradients.
 ``double_backward_batched`` (``is_grads_batched``) fails on CUDA inside
 GroupNorm's double backward (a vmap shape error), and with torch 2.11 also
@@ -64,7 +64,7 @@ import torch
 import torch.nn as nn
 
 from trainers.config import HVP_METHODS as METHODS  # one list, validated by SharpnessConfig.hvp
-from trainers.conv_double_backward import fast_double_backward
+from trainers.curvature.conv_double_backward import fast_double_backward
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -174,7 +174,7 @@ class HessianOperator:
     not change in between.  ``method``:
 
     * ``double_backward``: one second backward pass per vector (with
-      ``model`` and ``fast_conv``, through :mod:`trainers.conv_double_backward`);
+      ``model`` and ``fast_conv``, through :mod:`trainers.curvature.conv_double_backward`);
     * ``double_backward_batched``: one vmapped second backward pass per block
       (``is_grads_batched``);
     * ``forward_over_reverse``: ``jvp(grad(L))`` per vector (needs ``model``);
@@ -201,7 +201,7 @@ class HessianOperator:
         self._grads: Optional[list[torch.Tensor]] = None
         self._loss: Optional[torch.Tensor] = None
         # double backward through the model's convolutions on the fast kernels
-        # (trainers/conv_double_backward.py); the vmapped variant keeps the
+        # (trainers/curvature/conv_double_backward.py); the vmapped variant keeps the
         # built-in formula, whose batching rules it relies on
         self._fast_conv_model = model if (fast_conv and method == "double_backward") else None
         self._cuda_graphs = (cuda_graphs and method == "double_backward" and self.device.type == "cuda"

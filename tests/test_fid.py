@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from analysis import fid as F
+from trainers.run import fid as F
 
 
 class RandomConvFeatures(FeatureExtractorBase):
@@ -164,7 +164,7 @@ def test_missing_weights_say_how_to_provide_them(tmp_path, monkeypatch):
     message = str(err.value)
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     assert str(cache / "weights-inception-2015-12-05-6726825d.pth") in message
-    for needle in ("eval.inception_weights", "TORCH_HOME", "python -m analysis.fid fetch", "eval.every: 0"):
+    for needle in ("eval.inception_weights", "TORCH_HOME", "python -m trainers.run.fid fetch", "eval.every: 0"):
         assert needle in message
     assert isinstance(err.value, FileNotFoundError)
     # a configured path that is not there is named

@@ -18,9 +18,9 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
-from trainers import parameterization as param
+from trainers.diffusion import parameterization as param
 from trainers.config import ConfigError, VariantConfig, from_dict
-from trainers.schedules import NoiseSchedule
+from trainers.diffusion.schedules import NoiseSchedule
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Base(Variant):
 
     Also the skeleton of every discrete-time variant: the network sees the VP
     state x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε and the timestep t, predicts
-    ``prediction`` (see :mod:`trainers.parameterization`), and the per-example
+    ``prediction`` (see :mod:`trainers.diffusion.parameterization`), and the per-example
     loss is ``loss_weight(d) · ‖output − target(d)‖²``.  Subclasses change the
     timestep distribution (``sample_t``/``draw``), the target or the weight.
     """

@@ -12,7 +12,7 @@ that this module extracts itself, so that
   evaluation (:class:`SampleMetrics`);
 * nothing is downloaded implicitly.  The Inception weights are looked up as
   files; when they are absent, :class:`InceptionWeightsMissing` says where
-  they were looked for and how to provide them.  ``python -m analysis.fid
+  they were looked for and how to provide them.  ``python -m trainers.run.fid
   fetch`` downloads them (with a timeout) on a machine with internet.
 
 Images are uint8 in [0, 255] or floating point in [-1, 1] (the trainers'
@@ -61,7 +61,7 @@ class InceptionWeightsMissing(FileNotFoundError):
                      f"/data/weights/{INCEPTION_FILE_NAMES[0]}")
         lines.append(f"  2. copy the file to the torch hub cache: {cache}/{INCEPTION_FILE_NAMES[0]} "
                      f"(that folder is $TORCH_HOME/hub/checkpoints; set TORCH_HOME to use another folder)")
-        lines.append(f"  3. on a machine with internet run `python -m analysis.fid fetch` (downloads "
+        lines.append(f"  3. on a machine with internet run `python -m trainers.run.fid fetch` (downloads "
                      f"{INCEPTION_URL} into that cache) and copy the file over.")
         lines.append("Or set eval.every: 0 to train without sample metrics.")
         super().__init__("\n".join(lines))
@@ -274,7 +274,7 @@ def compute_sample_metrics(generated: torch.Tensor, real: Union[torch.Tensor, Sa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.fid", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainers.run.fid", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="download the Inception weights into the torch hub cache")
     fetch.add_argument("--timeout", type=float, default=20.0, help="socket timeout in seconds")

@@ -1,4 +1,4 @@
-"""Optimizers and their stability thresholds.
+"""Stability thresholds of the optimizers, and the preconditioner Adam's threshold applies to.
 
 For a quadratic with curvature λ along an eigenvector, each update rule is
 stable only while λ (or, for Adam, the eigenvalue of the preconditioned
@@ -44,18 +44,6 @@ def stability_threshold(cfg: OptimConfig, lr: float | None = None) -> float:
 def is_preconditioned(cfg: OptimConfig) -> bool:
     """Whether the threshold applies to P⁻¹H (Adam family) rather than H."""
     return cfg.name in PRECONDITIONED_OPTIMIZERS
-
-
-def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    params = list(params)
-    if cfg.name == "gd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
-    if cfg.name == "momentum":
-        # PyTorch's SGD momentum (dampening 0) is heavy-ball: v ← βv + g, θ ← θ − ηv
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params) -> list[torch.Tensor] | None:

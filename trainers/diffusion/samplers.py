@@ -53,7 +53,7 @@ from typing import Callable, Optional
 import torch
 
 from trainers.config import SAMPLERS
-from trainers.schedules import NoiseSchedule
+from trainers.diffusion.schedules import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Optional[Callable[[int, int], None]]

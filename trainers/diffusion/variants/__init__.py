@@ -1,6 +1,6 @@
 """Registry of stabilization variants.
 
-A variant is a small object with one interface (:class:`trainers.variants.base.Variant`):
+A variant is a small object with one interface (:class:`trainers.diffusion.variants.base.Variant`):
 ``draw`` the randomness of a loss evaluation, ``loss`` on a draw (training and
 the frozen Hessian batch use the same function), ``denoiser`` for sampling.
 Adding a variant means one new module and one line here.
@@ -11,13 +11,13 @@ import importlib
 
 # name -> "module:Class"; imported lazily so that config validation stays cheap
 VARIANTS: dict[str, str] = {
-    "base": "trainers.variants.base:Base",
-    "edm": "trainers.variants.edm:EDM",
-    "vparam": "trainers.variants.vparam:VParam",
-    "snr": "trainers.variants.snr:MinSNR",
-    "pd": "trainers.variants.pd:ProgressiveDifficulty",
-    "adap_s": "trainers.variants.adap_s:AdaptiveSampling",
-    "stf": "trainers.variants.stf:StableTargetField",
+    "base": "trainers.diffusion.variants.base:Base",
+    "edm": "trainers.diffusion.variants.edm:EDM",
+    "vparam": "trainers.diffusion.variants.vparam:VParam",
+    "snr": "trainers.diffusion.variants.snr:MinSNR",
+    "pd": "trainers.diffusion.variants.pd:ProgressiveDifficulty",
+    "adap_s": "trainers.diffusion.variants.adap_s:AdaptiveSampling",
+    "stf": "trainers.diffusion.variants.stf:StableTargetField",
 }
 
 

@@ -16,17 +16,17 @@ measures on the frozen Hessian batch
   gᵀH_Bg/‖g‖² of the training mini-batch B (the "Edge of Stochastic
   Stability" quantity, Andreyev & Beneventano 2024).
 
-Each eigenproblem is solved by block LOBPCG (:mod:`trainers.lobpcg`),
+Each eigenproblem is solved by block LOBPCG (:mod:`trainers.curvature.lobpcg`),
 warm-started from the previous probe's vectors; the Hessian-vector products
 reuse one gradient graph per probe and, on a GPU, are replayed as CUDA graphs
-(``sharpness.cuda_graphs``; :mod:`trainers.hessian`).
+(``sharpness.cuda_graphs``; :mod:`trainers.curvature.hessian`).
 
 The probe leaves training undisturbed: parameters and their ``.grad`` are not
 touched, the global RNG is not used (its own generator is part of
 :meth:`SharpnessProbe.state_dict`), and what it reports is exact to float32
 rounding: TF32 is off except in the eigen-solver's search on GPUs that have
 it (``sharpness.search_precision: tf32``, the default), whose answer is then
-checked with float32 products (:func:`trainers.lobpcg.lobpcg_verified`): the
+checked with float32 products (:func:`trainers.curvature.lobpcg.lobpcg_verified`): the
 reported λ and residual are float32 values.  Weight decay is not part of the
 probed loss.
 """
@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 
 from trainers.config import OptimConfig, SharpnessConfig
-from trainers.hessian import HessianOperator, flatten, trainable_parameters
-from trainers.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified
-from trainers.optimizers import adam_preconditioner, is_preconditioned, stability_threshold
+from trainers.curvature.hessian import HessianOperator, flatten, trainable_parameters
+from trainers.curvature.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified
+from trainers.curvature.thresholds import adam_preconditioner, is_preconditioned, stability_threshold
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -101,9 +101,9 @@ def with_tf32(operator):
 
 def top_eigenpairs(operator, X0: Optional[torch.Tensor] = None, *, search_tf32: bool = False,
                    **kwargs) -> LOBPCGResult:
-    """:func:`trainers.lobpcg.lobpcg` of ``operator``; with ``search_tf32``
+    """:func:`trainers.curvature.lobpcg.lobpcg` of ``operator``; with ``search_tf32``
     the search runs on TF32 products and the answer is checked with
-    ``operator``'s own (:func:`trainers.lobpcg.lobpcg_verified`)."""
+    ``operator``'s own (:func:`trainers.curvature.lobpcg.lobpcg_verified`)."""
     if search_tf32:
         return lobpcg_verified(with_tf32(operator), operator, X0, fast_tol=TF32_SEARCH_TOL, **kwargs)
     return lobpcg(operator, X0, **kwargs)
@@ -119,7 +119,7 @@ class SharpnessProbe:
     training mini-batch (batch sharpness, when enabled).
 
     ``method``: Hessian-vector product implementation
-    (:data:`trainers.hessian.METHODS`; default ``cfg.hvp``); ``seed``: the probe's own generator
+    (:data:`trainers.curvature.hessian.METHODS`; default ``cfg.hvp``); ``seed``: the probe's own generator
     (random start vectors, Hutchinson probes).
     """
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers import parameterization as param
-from trainers.variants.base import Draw, Variant, check_option, per_example_mse
+from trainers.diffusion import parameterization as param
+from trainers.diffusion.variants.base import Draw, Variant, check_option, per_example_mse
 
 
 @dataclass

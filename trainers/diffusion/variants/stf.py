@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from trainers.variants.base import Base, Draw, check_option
+from trainers.diffusion.variants.base import Base, Draw, check_option
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Single-trial command line: ``eos train`` (and ``python -m trainers.cli``).
+"""Single-trial command line: ``eos train`` (and ``python -m trainers.run.cli``).
 
 Keeps the reference repository's flags: ``--base --edm --vparam --snr --pd
 --adap_s --stf`` choose variants (several at once run one trial each) and
@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from trainers.config import ConfigError, merge, run_config
-from trainers.variants import VARIANTS
+from trainers.diffusion.variants import VARIANTS
 
 DEFAULT_LRS = (1e-3, 5e-4, 1e-4)
 
@@ -66,7 +66,7 @@ def trial_name(variant: str, lr: float, seed: int) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainers.loop import train
+    from trainers.run.loop import train
 
     try:
         base = load_config_file(args.config) if args.config else {}
@@ -107,8 +107,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from trainers.loop import Trainer, _load_latest, generate_samples
-    from trainers.samplers import save_grid
+    from trainers.run.loop import Trainer, _load_latest, generate_samples
+    from trainers.diffusion.samplers import save_grid
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").exists():
@@ -146,7 +146,7 @@ def register(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainers.cli", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m trainers.run.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))

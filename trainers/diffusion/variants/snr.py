@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.parameterization import PREDICTIONS
-from trainers.variants.base import Base, Draw, check_option
+from trainers.diffusion.parameterization import PREDICTIONS
+from trainers.diffusion.variants.base import Base, Draw, check_option
 
 
 @dataclass
