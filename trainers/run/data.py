@@ -3,8 +3,9 @@
 EoS studies train on small fixed subsets (5k images), so every source is read
 once into a single uint8 tensor; batches are gathered by index, scaled to
 [-1, 1] and randomly flipped on the training device.  Which indices a step
-uses is a pure function of (seed, step), so a resumed run sees exactly the
-batches an uninterrupted one would.
+uses, and which of them are flipped, is a pure function of (seed, step)
+(:mod:`trainers.run.rng`), so a resumed run sees exactly the batches an
+uninterrupted one would.
 
 Sources:
 * ``synthetic`` (built-in default, no files): smooth random colour fields with
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.config import ConfigError, DataConfig
+from trainers.run.rng import epoch_order, flip_generator, subset_order
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -132,8 +134,7 @@ def load_images(cfg: DataConfig) -> torch.Tensor:
     if cfg.subset is not None:
         if cfg.subset > len(images):
             raise ConfigError(f"data.subset: {cfg.subset} is larger than the data set ({len(images)} images)")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-        images = images[order[: cfg.subset]].contiguous()
+        images = images[subset_order(len(images))[: cfg.subset]].contiguous()
     return images
 
 
@@ -151,8 +152,9 @@ class Batches:
     ``batch(step)`` returns the float [-1, 1] images for that step: a slice
     of a per-epoch permutation (``random``), the same first ``batch_size``
     images (``fixed``) or all images (``full``).  Flips are drawn from a
-    generator seeded by (seed, step) — except in ``fixed``/``full`` mode,
-    where the batch never changes (the objective is deterministic).
+    generator seeded by (seed, step) (:mod:`trainers.run.rng`) — except in
+    ``fixed``/``full`` mode, where the batch never changes (the objective is
+    deterministic).
     """
 
     def __init__(self, images: torch.Tensor, cfg: DataConfig, seed: int, device):
@@ -174,14 +176,12 @@ class Batches:
         if self.cfg.batching == "fixed":
             return torch.arange(b)
         epoch, pos = divmod(step, self.per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(n, generator=g)[pos * b:(pos + 1) * b]
+        return epoch_order(self.seed, epoch, n)[pos * b:(pos + 1) * b]
 
     def batch(self, step: int) -> torch.Tensor:
         x = to_model_range(self.images[self.indices(step).to(self.images.device)])
         if self.cfg.flip and self.cfg.batching == "random":
-            g = torch.Generator().manual_seed(self.seed * 7_919 + step)
-            flip = (torch.rand(len(x), generator=g) < 0.5).to(x.device)
+            flip = (torch.rand(len(x), generator=flip_generator(self.seed, step)) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
 
