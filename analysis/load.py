@@ -8,21 +8,21 @@ Two layouts are understood:
       trials.parquet                                      one row per trial
 
   ``trials.parquet`` must have the columns ``trial_id``, ``variant``, ``lr``,
-  ``seed`` and ``status`` (``completed``, ``diverged``, ``stopped`` or
-  ``error``); ``optimizer``, ``steps_done``, ``final_loss`` and ``fid`` /
+  ``seed`` and ``status`` (:data:`trainers.run.rundir.STATUSES`);
+  ``optimizer``, ``steps_done``, ``final_loss`` and ``fid`` /
   ``inception_score`` / ``kid`` are used when present, and any other column is
   kept as it is.
 
-* a **single run** (``eos train``): ``config.json`` (``RunConfig.to_dict()``),
-  ``status.json`` (``{"status", "steps_done", "final_loss", "reason"}``) and
-  ``steps/part-*.parquet``.  It is loaded as a study of one trial.
+* a **single run** (``eos train``): a run folder
+  (:class:`trainers.run.rundir.RunDir`: ``config.json``, ``status.json``,
+  ``steps/part-*.parquet``), loaded as a study of one trial.  A run without
+  ``status.json`` is ``running``.
 
 Either way the result is a :class:`Study`: ``steps`` has the step-log columns
 plus ``trial_id`` and ``variant``; ``trials`` has one row per trial.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from trainers.run.steplog import SCHEMA, read_steps
+from trainers.run.rundir import RUNNING, RunDir
+from trainers.run.steplog import SCHEMA
 
 # Step-log columns the analysis reads (the list-valued ``topk`` and the JSON
 # ``variant_stats`` are left out unless asked for).
@@ -43,7 +44,6 @@ ANALYSIS_COLUMNS: tuple[str, ...] = (
 )
 
 TRIAL_COLUMNS_REQUIRED: tuple[str, ...] = ("trial_id", "variant", "lr", "seed", "status")
-STATUSES: tuple[str, ...] = ("completed", "diverged", "stopped", "error")
 
 
 class StudyFormatError(ValueError):
@@ -83,7 +83,7 @@ def is_study_dir(path: str | os.PathLike) -> bool:
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "config.json").is_file()
+    return RunDir(path).is_run()
 
 
 def load(path: str | os.PathLike, columns: Optional[Sequence[str]] = ANALYSIS_COLUMNS) -> Study:
@@ -154,25 +154,23 @@ def load_run(run_dir: str | os.PathLike,
              columns: Optional[Sequence[str]] = ANALYSIS_COLUMNS) -> Study:
     """A single ``eos train`` run folder, as a study of one trial whose
     ``trial_id`` is the folder name."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise StudyFormatError(f"{config_path}: missing (a run folder holds config.json, status.json, steps/)")
-    config = json.loads(config_path.read_text())
-    status_path = run_dir / "status.json"
-    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+    run = RunDir(run_dir)
+    config = run.read_config()
+    if config is None:
+        raise StudyFormatError(f"{run.config_file}: missing (a run folder holds config.json, status.json, steps/)")
+    status = run.read_status()
     cols = _columns(columns)
-    steps = read_steps(run_dir / "steps")[cols].copy()
+    steps = run.read_steps()[cols].copy()
     try:
         variant = config["variant"]["name"]
         optim = config["optim"]
         seed = config["train"]["seed"]
     except (KeyError, TypeError) as err:
-        raise StudyFormatError(f"{config_path}: not a RunConfig dict (missing {err})") from None
-    trial_id = run_dir.resolve().name
+        raise StudyFormatError(f"{run.config_file}: not a RunConfig dict (missing {err})") from None
+    trial_id = run.path.resolve().name
     steps["variant"] = variant
     steps["trial_id"] = trial_id
-    final_loss = status.get("final_loss")
+    final_loss = status.final_loss if status else None
     trials = pd.DataFrame([{
         "trial_id": trial_id,
         "variant": variant,
@@ -180,9 +178,9 @@ def load_run(run_dir: str | os.PathLike,
         "seed": seed,
         "optimizer": optim.get("name"),
         # a run without status.json has not finished (or was killed)
-        "status": status.get("status", "running"),
-        "steps_done": status.get("steps_done", int(steps["step"].max() + 1) if len(steps) else 0),
+        "status": status.status if status else RUNNING,
+        "steps_done": status.steps_done if status else (int(steps["step"].max() + 1) if len(steps) else 0),
         "final_loss": float("nan") if final_loss is None else float(final_loss),
-        "reason": status.get("reason"),
+        "reason": status.reason if status else None,
     }])
-    return Study(name=trial_id, path=run_dir, kind="run", steps=steps, trials=trials)
+    return Study(name=trial_id, path=run.path, kind="run", steps=steps, trials=trials)

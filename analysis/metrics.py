@@ -43,6 +43,7 @@ from scipy import stats
 
 from analysis.load import Study
 from trainers.config import PRECONDITIONED_OPTIMIZERS
+from trainers.run.rundir import COMPLETED, DIVERGED
 
 MAX_LEARNING_RATES = 8  # more distinct lrs (an Optuna search) are binned for the variant × lr tables
 
@@ -193,7 +194,7 @@ def per_trial_metrics(study: Study) -> pd.DataFrame:
         table_loss = row.get("final_loss")
         has_table_loss = table_loss is not None and not pd.isna(table_loss)
         m["final_loss"] = float(table_loss) if has_table_loss else m["last_logged_loss"]
-        m["diverged"] = row["status"] == "diverged" or m["nonfinite_loss"]
+        m["diverged"] = row["status"] == DIVERGED or m["nonfinite_loss"]
         row.update(m)
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -256,7 +257,7 @@ def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_ME
             "variant": variant,
             "lr": lr,
             "n_trials": len(group),
-            "n_completed": int((group["status"] == "completed").sum()),
+            "n_completed": int((group["status"] == COMPLETED).sum()),
             "n_diverged": int(group["diverged"].sum()),
             "diverged_frac": float(group["diverged"].mean()),
             "n_reached_eos": int(group["reached_eos"].sum()),

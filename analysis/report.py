@@ -25,6 +25,7 @@ import pandas as pd
 from analysis import metrics as M
 from analysis import plots as P
 from analysis.load import Study, load
+from trainers.run.rundir import STATUS_MEANINGS, STATUSES
 
 FIGURE_CAPTIONS = {
     "lambda": "λ₁ against the step, one panel per variant; the dashed line of each colour is that "
@@ -53,6 +54,7 @@ DEFINITIONS = [
     ("peak ratio", "largest probed ratio after the transient."),
     ("sharpening rate", "least-squares slope of λ₁ per step over the probed steps after the transient and before "
                         "the onset."),
+    ("status", "; ".join(f"`{s}`: {STATUS_MEANINGS[s]}" for s in STATUSES) + "."),
     ("diverged", "trial status `diverged` or a NaN/inf loss."),
     ("final loss", "the trial's final training loss; the mean is over seeds whose final loss is finite."),
     ("bands", f"[low, high] is the {M.CONFIDENCE:.0%} Student-t confidence interval of the mean over seeds "

@@ -20,8 +20,7 @@ import math
 from typing import Iterable, Optional
 
 from study.spec import EarlyStopSection
-
-DIVERGED = "diverged"
+from trainers.run.rundir import DIVERGED
 
 
 def _number(value) -> Optional[float]:

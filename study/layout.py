@@ -5,8 +5,8 @@
     steps/variant=<v>/trial=<trial_id>/part-*.parquet
                                                    every trial's per-step log, one hive-
                                                    partitioned dataset (pandas.read_parquet(steps))
-    runs/<trial_id>/                               the trainer's run folder: config.json,
-                                                   status.json, checkpoints/, and
+    runs/<trial_id>/                               the trainer's run folder (trainers.run.rundir):
+                                                   config.json, status.json, checkpoints/, and
                                                    steps -> ../../steps/variant=<v>/trial=<trial_id>
     tune/                                          Ray Tune's experiment (state, results, checkpoints)
     optuna.journal                                 Optuna studies (search.algorithm: optuna)
@@ -24,18 +24,12 @@ mounts at the same path (see clusters/README.md).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+from trainers.run.atomic import write_atomic
+from trainers.run.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -67,34 +61,32 @@ class StudyLayout:
     def optuna_journal(self) -> Path:
         return self.root / "optuna.journal"
 
-    def run_dir(self, trial_id: str) -> Path:
-        return self.runs / trial_id
+    def run_dir(self, trial_id: str) -> RunDir:
+        return RunDir(self.runs / trial_id)
 
     def partition(self, variant: str, trial_id: str) -> Path:
         return self.steps / f"variant={variant}" / f"trial={trial_id}"
 
-    def prepare_run_dir(self, variant: str, trial_id: str) -> Path:
+    def prepare_run_dir(self, variant: str, trial_id: str) -> RunDir:
         """The trial's run folder with ``steps`` linked to its partition
         (idempotent: a restarted trial finds the same folder)."""
-        run_dir = self.run_dir(trial_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run = self.run_dir(trial_id)
+        run.path.mkdir(parents=True, exist_ok=True)
         partition = self.partition(variant, trial_id)
         partition.mkdir(parents=True, exist_ok=True)
-        link = run_dir / "steps"
-        target = os.path.relpath(partition, run_dir)
+        link = run.steps
+        target = os.path.relpath(partition, run.path)
         if link.is_symlink():
             if os.readlink(link) != target:
                 raise RuntimeError(f"{link} points to {os.readlink(link)}, expected {target}")
         elif link.exists():
             raise RuntimeError(f"{link} is a real folder; expected a link to the study dataset {partition}")
         else:
-            tmp = run_dir / f".steps.tmp-{os.getpid()}"
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(target, target_is_directory=True)
-            os.replace(tmp, link)
-        return run_dir
+            write_atomic(link, lambda tmp: tmp.symlink_to(target, target_is_directory=True))
+        return run
 
-    def run_dirs(self) -> list[Path]:
+    def run_dirs(self) -> list[RunDir]:
+        """The run folders of the study that hold a run (a config.json), by name."""
         if not self.runs.is_dir():
             return []
-        return sorted(p for p in self.runs.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        return [run for run in map(RunDir, sorted(p for p in self.runs.iterdir() if p.is_dir())) if run.is_run()]

@@ -48,12 +48,13 @@ def _run(cfg: dict, run_dir: str, seconds: float, threads: int | None = None) ->
     import torch
 
     from trainers.run.loop import train
+    from trainers.run.rundir import STOPPED
 
     if threads:
         torch.set_num_threads(threads)
     start = time.monotonic()
     train(cfg, run_dir, resume=False,
-          on_step=lambda row: "stopped" if time.monotonic() - start > seconds else None)
+          on_step=lambda row: STOPPED if time.monotonic() - start > seconds else None)
 
 
 def cpu_threads_per_run(device: str, runs: int) -> int | None:
@@ -184,6 +185,7 @@ def summarize(out: Path, names: list[str]) -> None:
     from analysis.load import ANALYSIS_COLUMNS, load_run
     from analysis.metrics import with_lambda
     from analysis.report import markdown_table
+    from trainers.run.rundir import RunDir
 
     rows, frames = [], []
     for name in names:
@@ -191,12 +193,12 @@ def summarize(out: Path, names: list[str]) -> None:
         steps = with_lambda(study.steps)
         steps["run"] = name
         frames.append(steps)
-        cfg = json.loads((out / name / "config.json").read_text())
+        run = RunDir(out / name)
+        cfg = run.read_config()
         if steps["lambda"].isna().all():
             print(f"[eos-check] {name}: no λ₁ measured (stopped after {len(steps)} steps)", flush=True)
             continue
-        status = json.loads((out / name / "status.json").read_text())["status"]
-        rows.append(run_summary(name, steps, cfg, status))
+        rows.append(run_summary(name, steps, cfg, run.read_status().status))
     if not rows:
         return
     table = pd.DataFrame(rows).round(4)

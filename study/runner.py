@@ -6,7 +6,7 @@ checks that one trial's resources fit on a node, writes ``study.json`` and
 runs a :class:`ray.tune.Tuner` over the trials; :func:`resume_study`
 continues an interrupted study with ``Tuner.restore``.  Both end by writing
 ``trials.parquet`` (also after an interruption, with unfinished trials as
-``stopped``).  The folder layout is :mod:`study.layout`.
+``running``).  The folder layout is :mod:`study.layout`.
 """
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 
-from study.layout import StudyLayout, write_json_atomic
-from study.spec import ResourcesSection, StudySpec, TrialKey, spec_from_dict, trial_id
+from study.layout import StudyLayout
+from study.spec import ResourcesSection, StudySpec, spec_from_dict
 from study.trials import best_trials, collect_trials, status_counts, write_trials
 from trainers.config import ConfigError
+from trainers.run.atomic import write_json_atomic
+from trainers.run.rundir import ERROR, RESULTS, trial_id
 
 STUDY_FORMAT = 1
 
@@ -40,7 +42,7 @@ class StudyOutcome:
     @property
     def finished(self) -> int:
         """Trials with a result (completed or diverged)."""
-        return sum(s in ("completed", "diverged") for s in self.trials.column("status").to_pylist())
+        return sum(s in RESULTS for s in self.trials.column("status").to_pylist())
 
     @property
     def complete(self) -> bool:
@@ -48,7 +50,7 @@ class StudyOutcome:
 
     @property
     def errors(self) -> int:
-        return self.trials.column("status").to_pylist().count("error")
+        return self.trials.column("status").to_pylist().count(ERROR)
 
 
 # ---------------------------------------------------------------------------

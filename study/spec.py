@@ -52,6 +52,7 @@ import yaml
 
 from trainers.config import (OPTIMIZERS, ConfigError, DataConfig, RunConfig, from_dict, merge,
                              run_config, to_dict)
+from trainers.run.rundir import trial_id
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -226,17 +227,8 @@ class TrialKey:
 
     @property
     def trial_id(self) -> str:
+        """The trial's name: its run folder and ``trial=`` partition (:func:`trainers.run.rundir.trial_id`)."""
         return trial_id(self.variant, self.lr, self.seed)
-
-
-def trial_id(variant: str, lr: float, seed: int) -> str:
-    """The trial's name, its run folder and its ``trial=`` partition.
-
-    A pure function of (variant, lr, seed): a trial restarted by Tune, or
-    re-created after an interrupted study, finds the same run folder and
-    resumes it.  ``repr`` keeps every digit of the learning rate (Optuna's
-    proposals) while grid values stay short (``base_lr0.001_s0``)."""
-    return f"{variant}_lr{float(lr)!r}_s{int(seed)}"
 
 
 @dataclass

@@ -12,8 +12,8 @@ Every trainer checkpoint is also reported to Tune (``tune.report`` with a
 folder lacks it (e.g. the folder was lost), before the trainer resumes.
 
 Divergence is a result: the early-stop rules (:mod:`study.early_stop`)
-return ``"diverged"`` from the trainer's ``on_step`` and the trial ends
-normally with that status.
+return ``("diverged", reason)`` from the trainer's ``on_step`` and the trial
+ends normally with that status and reason.
 
 Test-only fault injection: when the driver's environment has
 ``EOS_STUDY_KILL_AT_STEP=<step>:<marker file>``, the first trial to reach
@@ -22,7 +22,6 @@ that find the marker carry on), to exercise Tune's restart from checkpoint.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from study.early_stop import DIVERGED, DivergenceMonitor
-from study.layout import StudyLayout, write_json_atomic
+from study.early_stop import DivergenceMonitor
+from study.layout import StudyLayout
 from study.spec import StudySpec, TrialKey
 from study.trials import objective_value, trial_row
+from trainers.run.rundir import RUNNING, RunDir, checkpoint_step
 
 FAULT_ENV = "EOS_STUDY_KILL_AT_STEP"
 
@@ -76,31 +76,14 @@ class TrialPlan:
     fault: Optional[FaultInjection] = None
 
 
-def _ckpt_step(path: Path) -> int:
-    return int(path.stem.split("-")[1])
-
-
-def restore_checkpoint(checkpoint, run_dir: Path) -> Optional[Path]:
-    """Copy the trainer checkpoint held by a Tune ``checkpoint`` into
-    ``run_dir/checkpoints`` unless the folder already has one as new."""
-    from trainers.run.loop import checkpoints
-
+def restore_checkpoint(checkpoint, run: RunDir) -> Optional[Path]:
+    """Copy the trainer checkpoint held by a Tune ``checkpoint`` into the run
+    folder unless the folder already has one as new."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        files = sorted(Path(d).glob("ckpt-*.pt"), key=_ckpt_step)
-        if not files:
-            return None
-        src = files[-1]
-        have = checkpoints(run_dir)
-        if have and _ckpt_step(have[-1]) >= _ckpt_step(src):
-            return None
-        dst = run_dir / "checkpoints" / src.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        return dst
+        files = sorted(Path(d).glob(RunDir.CHECKPOINT_GLOB), key=checkpoint_step)
+        return run.add_checkpoint(files[-1]) if files else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -120,25 +103,24 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     from ray import tune
 
     from trainers.run.loop import train
-    from trainers.run.steplog import read_steps
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per checkpoint
     spec = plan.spec
     key = TrialKey(str(config["variant"]), float(config["lr"]), int(config["seed"]))
     layout = StudyLayout(Path(plan.root))
-    run_dir = layout.prepare_run_dir(key.variant, key.trial_id)
+    run = layout.prepare_run_dir(key.variant, key.trial_id)
     cfg = spec.run_config(key.variant, key.lr, key.seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
-    for stale in run_dir.glob(".tune-checkpoint-*"):  # left by a worker killed while reporting
+    for stale in run.path.glob(".tune-checkpoint-*"):  # left by a worker killed while reporting
         shutil.rmtree(stale, ignore_errors=True)
-    restore_checkpoint(tune.get_checkpoint(), run_dir)
+    restore_checkpoint(tune.get_checkpoint(), run)
 
     monitor = DivergenceMonitor(spec.early_stop)
     seen = {"primed": False, "loss": None, "ratio": None, "fid": None}
 
-    def on_step(row: dict) -> Optional[str]:
+    def on_step(row: dict) -> Optional[tuple[str, str]]:
         if not seen["primed"]:  # a resumed run: replay the log before this step
-            history = read_steps(run_dir / "steps")
+            history = run.read_steps()
             monitor.replay(history[history["step"] < row["step"]].to_dict("records"))
             seen["primed"] = True
         seen["loss"] = row.get("loss")
@@ -147,25 +129,21 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
                 seen[name] = row[name]
         if plan.fault is not None:
             plan.fault.maybe_kill(row["step"])
-        return monitor(row)
+        verdict = monitor(row)
+        return (verdict, monitor.reason) if verdict else None
 
     def on_checkpoint(path: Path, steps_done: int) -> None:
         metrics = {
-            "objective": objective_value(spec.study.objective, "running", key.lr, seen["loss"], seen["fid"]),
+            "objective": objective_value(spec.study.objective, RUNNING, key.lr, seen["loss"], seen["fid"]),
             "loss": _finite_or_none(seen["loss"]), "ratio": _finite_or_none(seen["ratio"]),
-            "steps_done": steps_done, "status": "running", "trial": key.trial_id,
+            "steps_done": steps_done, "status": RUNNING, "trial": key.trial_id,
         }
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tune-checkpoint-") as d:
+        with tempfile.TemporaryDirectory(dir=run.path, prefix=".tune-checkpoint-") as d:
             _link_or_copy(path, Path(d) / path.name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    result = train(cfg, run_dir, resume=True, on_step=on_step, on_checkpoint=on_checkpoint,
-                   progress=plan.single)
-    if result.status == DIVERGED and monitor.reason and (result.reason or "").startswith("stopped by callback"):
-        status = json.loads((run_dir / "status.json").read_text())
-        status["reason"] = monitor.reason
-        write_json_atomic(run_dir / "status.json", status)
-    row = trial_row(layout, run_dir, spec.study.objective)
+    train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
+    row = trial_row(layout, run, spec.study.objective)
     tune.report({"objective": row["objective"], "loss": _finite_or_none(row["final_loss"]),
                  "ratio": row["final_ratio"], "steps_done": row["steps_done"], "status": row["status"],
                  "trial": key.trial_id})

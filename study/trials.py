@@ -1,9 +1,11 @@
 """The trials table ``<study>/trials.parquet``: one row per trial.
 
-Built from the run folders themselves (``config.json``, ``status.json`` and
-the step log), so it is complete whatever happened to the driver; Tune only
-adds what a run folder cannot know (a trial that exhausted its retries is
-``error``).  Columns (:data:`TRIALS_SCHEMA`):
+Built from the run folders themselves (:class:`trainers.run.rundir.RunDir`:
+``config.json``, ``status.json`` and the step log), so it is complete
+whatever happened to the driver; Tune only adds what a run folder cannot
+know (a trial that exhausted its retries is ``error``).  The statuses are
+the run folder's (:data:`trainers.run.rundir.STATUSES`).  Columns
+(:data:`TRIALS_SCHEMA`):
 
 ==============  ========  ==========================================================
 trial_id        string    ``<variant>_lr<lr>_s<seed>``; the ``trial=`` partition
@@ -11,9 +13,10 @@ variant         string    stabilization variant
 lr              float64   learning rate
 seed            int64     train.seed
 optimizer       string    optim.name
-status          string    completed | diverged (a result) | stopped (not finished:
-                          the study was interrupted) | error (crashed more than
-                          study.max_failures times)
+status          string    completed | diverged (a result) | running (not finished:
+                          the study was interrupted; resuming it continues the
+                          trial) | stopped (ended early on request) | error
+                          (crashed more than study.max_failures times)
 reason          string    why it diverged, stopped or failed
 steps_done      int64     optimizer steps taken
 final_loss      float64   last training loss (NaN/inf when it diverged that way)
@@ -39,10 +42,9 @@ import numpy as np
 import pyarrow as pa
 
 from study.layout import StudyLayout
-from trainers.run.steplog import read_steps, write_table_atomic
+from trainers.run.rundir import DIVERGED, ERROR, RESULTS, RUNNING, STATUSES, RunDir
+from trainers.run.steplog import write_parquet
 
-STATUSES = ("completed", "diverged", "stopped", "error")
-FINAL_STATUSES = ("completed", "diverged", "stopped")
 UNFINISHED_REASON = "unfinished: the study was interrupted (eos study resume continues it)"
 
 TRIALS_SCHEMA = pa.schema([
@@ -60,7 +62,7 @@ def objective_value(objective: str, status: str, lr: float, loss: Optional[float
     """The trial's objective.  ``final_loss``/``fid`` (minimised): the value,
     +inf when the trial diverged or the value is missing; ``largest_stable_lr``
     (maximised): the lr when the trial did not diverge, 0 when it did."""
-    diverged = status == "diverged"
+    diverged = status == DIVERGED
     if objective == "largest_stable_lr":
         return 0.0 if diverged else float(lr)
     value = loss if objective == "final_loss" else fid
@@ -69,33 +71,28 @@ def objective_value(objective: str, status: str, lr: float, loss: Optional[float
     return float(value)
 
 
-def _float(value) -> Optional[float]:
-    return None if value is None else float(value)  # status.json stores "nan"/"inf" as strings
-
-
 def _last(series) -> Optional[float]:
     values = series.dropna()
     return float(values.iloc[-1]) if len(values) else None
 
 
-def trial_row(layout: StudyLayout, run_dir: Path, objective: str, error: Optional[str] = None) -> dict:
-    """The trials-table row of one run folder."""
-    config = json.loads((run_dir / "config.json").read_text())
-    status_path = run_dir / "status.json"
-    status = json.loads(status_path.read_text()) if status_path.is_file() else {}
-    steps = read_steps(run_dir / "steps")
+def trial_row(layout: StudyLayout, run: RunDir, objective: str, error: Optional[str] = None) -> dict:
+    """The trials-table row of one run folder; ``error``: Tune gave up on the trial."""
+    config = run.read_config()
+    status = run.read_status()
+    steps = run.read_steps()
     logged = int(steps["step"].max()) + 1 if len(steps) else 0
-    if status.get("status") in FINAL_STATUSES:
-        state, reason = status["status"], status.get("reason")
-        steps_done, final_loss = status["steps_done"], _float(status.get("final_loss"))
+    if status is not None and status.ended:
+        state, reason = status.status, status.reason
+        steps_done, final_loss = status.steps_done, status.final_loss
     else:
-        state, reason = ("error", error) if error else ("stopped", UNFINISHED_REASON)
+        state, reason = (ERROR, error) if error else (RUNNING, UNFINISHED_REASON)
         steps_done, final_loss = logged, (_last(steps["loss"]) if len(steps) else None)
     ratio = steps["ratio"].dropna()
     fid = _last(steps["fid"])
     lr = float(config["optim"]["lr"])
     return {
-        "trial_id": run_dir.name,
+        "trial_id": run.name,
         "variant": config["variant"]["name"],
         "lr": lr,
         "seed": int(config["train"]["seed"]),
@@ -110,8 +107,8 @@ def trial_row(layout: StudyLayout, run_dir: Path, objective: str, error: Optiona
         "inception_score": _last(steps["inception_score"]),
         "kid": _last(steps["kid"]),
         "objective": objective_value(objective, state, lr, final_loss, fid),
-        "wall_time": _float(status.get("wall_time")) if status else (_last(steps["wall_time"]) if len(steps) else None),
-        "run_dir": run_dir.relative_to(layout.root).as_posix(),
+        "wall_time": status.wall_time if status else (_last(steps["wall_time"]) if len(steps) else None),
+        "run_dir": run.path.relative_to(layout.root).as_posix(),
         "config": json.dumps(config, sort_keys=True),
     }
 
@@ -120,8 +117,8 @@ def error_row(trial: dict, objective: str, error: str) -> dict:
     """A trial Tune could not run at all (no run folder)."""
     row = {name: None for name in TRIALS_SCHEMA.names}
     row.update(trial_id=trial["trial_id"], variant=trial["variant"], lr=float(trial["lr"]),
-               seed=int(trial["seed"]), status="error", reason=error, steps_done=0,
-               objective=objective_value(objective, "error", float(trial["lr"]), None, None))
+               seed=int(trial["seed"]), status=ERROR, reason=error, steps_done=0,
+               objective=objective_value(objective, ERROR, float(trial["lr"]), None, None))
     return row
 
 
@@ -141,8 +138,7 @@ def collect_trials(layout: StudyLayout, objective: str, variants: Sequence[str],
 
 
 def write_trials(layout: StudyLayout, table: pa.Table) -> Path:
-    write_table_atomic(table, layout.trials_table)
-    return layout.trials_table
+    return write_parquet(table, layout.trials_table)
 
 
 def status_counts(table: pa.Table) -> dict[str, int]:
@@ -151,12 +147,12 @@ def status_counts(table: pa.Table) -> dict[str, int]:
 
 
 def best_trials(table: pa.Table, mode: str) -> list[dict]:
-    """The best finished (completed or diverged) trial per variant by
+    """The best trial with a result (completed or diverged) per variant by
     ``objective`` (ties: first in table order)."""
     best: dict[str, dict] = {}
     for row in table.to_pylist():
         value = row["objective"]
-        if row["status"] not in ("completed", "diverged") or value is None or np.isnan(value):
+        if row["status"] not in RESULTS or value is None or np.isnan(value):
             continue
         current = best.get(row["variant"])
         better = current is None or (value < current["objective"] if mode == "min" else value > current["objective"])

@@ -20,7 +20,7 @@ def test_eos_train_runs_one_trial_per_variant_and_lr(tmp_path, capsys):
             "--set", "sharpness.every=0", "--set", "train.print_every=0", "--steps", "3"]
     assert main(args) == 0
     runs = sorted(p.name for p in tmp_path.iterdir())
-    assert runs == ["base-lr0.0005-seed0", "base-lr0.001-seed0"]
+    assert runs == ["base_lr0.0005_s0", "base_lr0.001_s0"]   # trainers.run.rundir.trial_id, as in a study
     for r in runs:
         assert len(read_steps(tmp_path / r / "steps")) == 3
         assert json.loads((tmp_path / r / "status.json").read_text())["status"] == "completed"

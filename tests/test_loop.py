@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_config
 from trainers.config import ConfigError, run_config
-from trainers.run.loop import Trainer, read_status, train
+from trainers.run.loop import Trainer, train
+from trainers.run.rundir import RunDir
 from trainers.run.steplog import read_steps
 
 
@@ -28,8 +29,8 @@ def test_tiny_run_loss_falls_and_everything_is_written(tmp_path):
     assert df["step"].tolist() == list(range(60))
     assert df["loss"].iloc[-10:].mean() < 0.7 * df["loss"].iloc[:10].mean()
     assert np.allclose(df["threshold"], 38 / 2e-3)
-    status = read_status(tmp_path / "run")
-    assert status["status"] == "completed" and status["steps_done"] == 60
+    status = RunDir(tmp_path / "run").read_status()
+    assert status.status == "completed" and status.steps_done == 60
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["optim"]["lr"] == 2e-3 and saved["train"]["steps"] == 60
 
@@ -78,8 +79,8 @@ def test_divergence_is_a_recorded_result(tmp_path):
     result = train(cfg, tmp_path / "run")
     assert result.status == "diverged"
     assert result.steps_done < 50
-    status = read_status(tmp_path / "run")
-    assert status["status"] == "diverged" and "step" in status["reason"]
+    status = RunDir(tmp_path / "run").read_status()
+    assert status.status == "diverged" and "step" in status.reason
     df = read_steps(tmp_path / "run" / "steps")
     assert len(df) == result.steps_done  # the diverging step is logged too
     # calling again does not retrain a finished run

@@ -401,7 +401,7 @@ def test_trials_table_statuses_and_final_metrics(tmp_path):
     assert t.loc[div, "reason"] == "loss blow-up" and math.isnan(t.loc[div, "final_ratio"])
     assert math.isnan(t.loc[nan_loss, "final_loss"]) and t.loc[nan_loss, "objective"] == math.inf
     assert t.loc[cut, ["status", "reason", "steps_done", "final_loss", "final_ratio", "max_ratio"]].tolist() \
-        == ["stopped", UNFINISHED_REASON, 2, 0.9, 0.3, 0.3]
+        == ["running", UNFINISHED_REASON, 2, 0.9, 0.3, 0.3]
     assert t.loc[failed, ["status", "reason", "steps_done"]].tolist() == ["error", "boom", 1]
     assert t.loc["base_lr5e-05_s0", ["status", "reason", "steps_done"]].tolist() == ["error", "no node", 0]
     assert t.loc[done, "run_dir"] == f"runs/{done}" and json.loads(t.loc[done, "config"])["optim"]["lr"] == 1e-3
@@ -411,5 +411,5 @@ def test_trials_table_statuses_and_final_metrics(tmp_path):
     from analysis.load import load
 
     study = load(layout.root)
-    assert set(study.trials["status"]) == {"completed", "diverged", "stopped", "error"}
+    assert set(study.trials["status"]) == {"completed", "diverged", "running", "error"}
     assert len(study.steps[study.steps["trial_id"] == done]) == 4

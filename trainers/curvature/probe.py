@@ -7,9 +7,10 @@ measures on the frozen Hessian batch
 * for Adam/AdamW, λ₁(P⁻¹H) with P = diag(√v̂ + ε) from the optimizer's
   bias-corrected second moment (``lambda_precond``).  P⁻¹H is similar to the
   symmetric P^{-1/2} H P^{-1/2}, whose eigenvalues are computed instead;
-* the optimizer's stability threshold at the step's learning rate and the
-  ratio λ/threshold (λ₁(P⁻¹H) for the Adam family, λ₁(H) otherwise); a ratio
-  above 1 means the quadratic model of the loss is unstable under the update;
+* the ratio λ/threshold to the optimizer's stability threshold at the step's
+  learning rate (λ₁(P⁻¹H) for the Adam family, λ₁(H) otherwise); a ratio
+  above 1 means the quadratic model of the loss is unstable under the update
+  (the ``threshold`` column itself is written by the run, for every step);
 * how the estimate was obtained (relative residual, iterations, Hessian-vector
   products, converged) and the top-k eigenvalues of the same operator;
 * optionally a Hutchinson estimate of tr(H) and the batch sharpness
@@ -47,7 +48,7 @@ from trainers.curvature.thresholds import adam_preconditioner, is_preconditioned
 LossFn = Callable[[], torch.Tensor]
 
 #: columns of the step log that :meth:`SharpnessProbe.measure` fills
-COLUMNS = ("lambda_max", "lambda_precond", "threshold", "ratio", "eig_residual", "eig_iters", "eig_hvps",
+COLUMNS = ("lambda_max", "lambda_precond", "ratio", "eig_residual", "eig_iters", "eig_hvps",
            "eig_converged", "topk", "hessian_trace", "batch_sharpness")
 
 
@@ -188,7 +189,6 @@ class SharpnessProbe:
         params = trainable_parameters(model)
         threshold = stability_threshold(self.optim_cfg, lr)
         cols: dict = {c: None for c in COLUMNS}
-        cols["threshold"] = threshold
         device_type = params[0].device.type
         with exact_float32(), torch.autocast(device_type, enabled=False):
             H = HessianOperator(loss_fn, params, method=self.method, model=model, cuda_graphs=self.cfg.cuda_graphs)

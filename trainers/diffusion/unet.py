@@ -5,9 +5,9 @@ dropout, a zero-initialised second conv), self-attention at chosen
 resolutions, a sinusoidal timestep embedding followed by a 2-layer MLP.
 
 Attention is written out (softmax(QKᵀ/√d)V) so that it supports double
-backward, which Hessian-vector products need; ``fused_attention=True`` swaps
-in ``scaled_dot_product_attention`` for plain training steps, and the
-sharpness probe turns it off.
+backward, which Hessian-vector products need; ``set_fused_attention(True)``
+swaps in ``scaled_dot_product_attention`` for plain training steps, and
+:func:`probe_mode` turns it off (with dropout) while the curvature is probed.
 
 The forward pass has no in-place operations, so Hessian-vector products work
 by double backward and by forward-over-reverse (``torch.func.jvp`` of
@@ -21,8 +21,10 @@ re-checks it on any device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -194,6 +196,25 @@ class UNet(nn.Module):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(blocks, h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@contextlib.contextmanager
+def probe_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model as Hessian-vector products need it: eval mode (no dropout)
+    and written-out attention (double-differentiable) in every
+    :class:`AttnBlock`; the training mode and each block's attention are
+    restored on exit."""
+    training = model.training
+    blocks = [(m, m.fused) for m in model.modules() if isinstance(m, AttnBlock)]
+    model.eval()
+    for m, _ in blocks:
+        m.fused = False
+    try:
+        yield model
+    finally:
+        model.train(training)
+        for m, fused in blocks:
+            m.fused = fused
 
 
 def build_unet(preset: str, image_size: int = 32, channels: int = 3, dropout: float | None = None) -> UNet:

@@ -17,6 +17,7 @@ import yaml
 
 from trainers.config import ConfigError, merge, run_config
 from trainers.diffusion.variants import VARIANTS
+from trainers.run.rundir import RunDir, trial_id
 
 DEFAULT_LRS = (1e-3, 5e-4, 1e-4)
 
@@ -57,12 +58,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set train.steps=200 --set data.name=npz")
     p.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
-    p.add_argument("--out", default="results/runs", help="folder that receives one run folder per trial")
+    p.add_argument("--out", default="results/runs",
+                   help="folder that receives one run folder per trial, <variant>_lr<lr>_s<seed>")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming an existing run folder")
-
-
-def trial_name(variant: str, lr: float, seed: int) -> str:
-    return f"{variant}-lr{lr:g}-seed{seed}"
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -86,7 +84,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     results = []
     for i, cfg in enumerate(configs, 1):
-        name = trial_name(cfg.variant.name, cfg.optim.lr, cfg.train.seed)
+        name = trial_id(cfg.variant.name, cfg.optim.lr, cfg.train.seed)
         print(f"[eos] trial {i}/{len(configs)}: {name}", flush=True)
         try:
             results.append(train(cfg, Path(args.out) / name, resume=not args.fresh))
@@ -107,28 +105,25 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from trainers.run.loop import Trainer, _load_latest, generate_samples
+    from trainers.run.loop import Trainer, generate_samples
     from trainers.diffusion.samplers import save_grid
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").exists():
-        print(f"eos sample: {run_dir} has no config.json (not a run folder)", file=sys.stderr)
+    run = RunDir(args.run_dir)
+    cfg_dict = run.read_config()
+    if cfg_dict is None:
+        print(f"eos sample: {run} has no config.json (not a run folder)", file=sys.stderr)
         return 2
-    cfg_dict = json.loads((run_dir / "config.json").read_text())
     if args.sampler:
         cfg_dict["eval"]["sampler"] = args.sampler
     if args.sampler_steps:
         cfg_dict["eval"]["sampler_steps"] = args.sampler_steps
     cfg_dict["sharpness"]["every"] = 0
     trainer = Trainer(run_config(cfg_dict))
-    state = _load_latest(run_dir, trainer.device)
-    if state is None:
-        print(f"eos sample: {run_dir} has no checkpoint yet", file=sys.stderr)
+    if not trainer.resume(run):   # sharpness.every = 0: the checkpoint's probe state is ignored
+        print(f"eos sample: {run} has no checkpoint yet", file=sys.stderr)
         return 2
-    state["probe"] = None
-    trainer.load_state_dict(state)
     images = generate_samples(trainer, args.n)
-    out = Path(args.out) if args.out else run_dir / "samples" / f"final-{trainer.cfg.eval.sampler}.png"
+    out = Path(args.out) if args.out else run.samples / f"final-{trainer.cfg.eval.sampler}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(images, out)
     print(f"[eos] {args.n} samples (EMA weights, step {trainer.step}, {trainer.cfg.eval.sampler}) -> {out}")

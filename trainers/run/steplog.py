@@ -1,8 +1,8 @@
 """The per-step log: Parquet chunks with a fixed, versioned schema.
 
 A run directory holds ``steps/part-<first>-<last>.parquet`` files.  Each chunk
-is written to a temporary file and renamed into place, so a reader never sees
-half a chunk.  Chunks are flushed together with checkpoints; on resume the log
+is written to a temporary file and renamed into place
+(:mod:`trainers.run.atomic`), so a reader never sees half a chunk.  Chunks are flushed together with checkpoints; on resume the log
 is cut back to the checkpoint's step, so no step is ever duplicated or lost.
 
 Schema version 1 (one row per optimizer step; null where not measured):
@@ -44,6 +44,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from trainers.run.atomic import remove_stale_temporaries, write_atomic
+
 SCHEMA_VERSION = 1
 
 SCHEMA = pa.schema(
@@ -84,13 +86,9 @@ def _row(values: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file via a temporary name + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def write_parquet(table: pa.Table, path: Path) -> Path:
+    """``table`` as a Parquet file, written atomically (:func:`trainers.run.atomic.write_atomic`)."""
+    return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 class StepLog:
@@ -119,7 +117,7 @@ class StepLog:
         table = pa.Table.from_pylist(self._rows, schema=SCHEMA)
         first, last = self._rows[0]["step"], self._rows[-1]["step"]
         path = self.directory / f"part-{first:09d}-{last:09d}.parquet"
-        write_table_atomic(table, path)
+        write_parquet(table, path)
         self._rows = []
         return path
 
@@ -135,10 +133,9 @@ class StepLog:
                 table = pq.read_table(path, schema=SCHEMA)
                 keep = table.filter(pc.less_equal(table["step"], step))
                 new = self.directory / f"part-{first:09d}-{step:09d}.parquet"
-                write_table_atomic(keep, new)
+                write_parquet(keep, new)
                 path.unlink()
-        for tmp in self.directory.glob(".part-*.tmp-*"):
-            tmp.unlink()
+        remove_stale_temporaries(self.directory)
 
     def last_step(self) -> Optional[int]:
         chunks = self.chunks()
