@@ -314,11 +314,25 @@ def build_report(study_dir: str | os.PathLike, out_dir: Optional[str | os.PathLi
                         figures=figures)
     tables.aggregate.to_csv(paths.summary_csv, index=False)
     tables.per_trial.to_csv(paths.per_trial_csv, index=False)
-    paths.html.write_text(render_html(study, tables, figures, note), encoding="utf-8")
-    paths.markdown.write_text(render_markdown(study, tables, figures, note, out_dir), encoding="utf-8")
+    html_text = render_html(study, tables, figures, note)
+    markdown_text = render_markdown(study, tables, figures, note, out_dir)
+    # --- boundary hook (issue 20, largest stable lr): a minimal insertion; the lead moves it into the
+    # report template.  analysis.boundary.report_section gives the table (+ boundary.csv) and figure. ---
+    from analysis.boundary import report_section
+
+    boundary = report_section(study, out_dir)
+    if boundary is not None:
+        html_text = html_text.replace("<h2>Figures</h2>", boundary.html() + "\n<h2>Figures</h2>", 1)
+        markdown_text = markdown_text.replace("## Definitions", boundary.markdown(out_dir) + "\n## Definitions", 1)
+        paths.figures["boundary"] = boundary.figure
+    # --- end of the boundary hook ---
+    paths.html.write_text(html_text, encoding="utf-8")
+    paths.markdown.write_text(markdown_text, encoding="utf-8")
     if not quiet:
         with pd.option_context("display.width", 200, "display.max_columns", None):
             print(summary_table(tables.aggregate).to_string(index=False))
+            if boundary is not None:  # boundary hook
+                print(boundary.display.to_string(index=False))
         if note:
             print(note)
         print(f"report: {paths.html}\nsummary: {paths.markdown}")

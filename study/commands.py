@@ -3,7 +3,7 @@
     eos study run SPEC [--name NAME] [--set KEY=VALUE ...] [--address auto] [--resume] [--dry-run]
     eos study resume STUDY_DIR_OR_NAME [--address auto]
 
-SPEC is a YAML file or a preset name (smoke, paper, optuna; study/presets/).
+SPEC is a YAML file or a preset name (smoke, paper, optuna, boundary; study/presets/).
 Without ``--address`` a local Ray instance runs the trials (no dashboard);
 ``--address auto`` (or HOST:PORT) runs them on an existing Ray cluster.
 Results: results/<name>/{study.json, trials.parquet, steps/variant=*/trial=*/}.
@@ -16,10 +16,12 @@ import sys
 EPILOG = """spec format (see study/spec.py and study/presets/):
   study:      name, variants, optimizer, seeds, objective (final_loss | fid | largest_stable_lr),
               storage, max_failures, variant_options
-  search:     algorithm (grid | optuna), lr ({grid: [...]} | {log_uniform: [low, high]}),
-              num_samples (optuna, per variant and seed), seed
+  search:     algorithm (grid | optuna | boundary),
+              lr ({grid: [...]} | {log_uniform: [low, high]} | {bracket: [low, high]}),
+              num_samples (optuna, per variant and seed), seed (optuna),
+              boundary: {k (trials per round per variant and seed), factor (stop at hi/lo <= factor)}
   resources:  cpu, gpu (fractional, e.g. 0.25), max_concurrent
-  early_stop: loss_blowup, ratio_above, ratio_steps
+  early_stop: loss_blowup, ratio_above, ratio_steps, edge_delta, edge_steps
   model, data, schedule, optim, variant, sharpness, eval, train: the base run config of every trial
 """
 
@@ -64,18 +66,44 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _print_plan(spec) -> int:
     print(f"study {spec.name} -> {spec.study_dir}")
-    print(f"  {spec.num_trials()} trials, search {spec.search.algorithm}, objective {spec.study.objective} "
+    at_most = "at most " if spec.search.algorithm == "boundary" else ""
+    print(f"  {at_most}{spec.num_trials()} trials, search {spec.search.algorithm}, objective {spec.study.objective} "
           f"({spec.mode}), {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial, "
           f"at most {spec.resources.max_concurrent} at once")
     if spec.search.algorithm == "grid":
         for key in spec.grid_trials():
             print(f"  {key.trial_id}")
+    elif spec.search.algorithm == "boundary":
+        _print_boundary_plan(spec)
     else:
         low, high = spec.search.lr.log_uniform
         for v in spec.study.variants:
             for s in spec.study.seeds:
                 print(f"  {v} seed {s}: {spec.search.num_samples} TPE trials, lr in [{low:g}, {high:g}] (log)")
     return 0
+
+
+def _print_boundary_plan(spec) -> None:
+    from study.boundary import k_section, max_trials, rounds_needed
+
+    low, high = spec.search.lr.bracket
+    k, factor = spec.search.boundary.k, spec.search.boundary.factor
+    rounds = rounds_needed(low, high, k, factor)
+    first = ", ".join(f"{lr:.4g}" for lr in k_section(low, high, k))
+    print(f"  per variant and seed: k-section of lr in [{low:g}, {high:g}] (log), {k} trial(s) per round in "
+          f"parallel, until smallest unstable / largest stable lr <= {factor:g}: {rounds} rounds "
+          f"(+1 trial if an end of the bracket is still only assumed), at most "
+          f"{max_trials(low, high, k, factor)} trials; first round: lr {first}")
+    rules = ["NaN/inf loss, or a loss above train.divergence_loss"] + spec.early_stop.describe()
+    print("  a trial is unstable when it diverges, i.e. when one of these ends it (else stable):")
+    for rule in rules:
+        print(f"    - {rule}")
+    for v in spec.study.variants:
+        for s in spec.study.seeds:
+            print(f"  {v} seed {s}: bracket [{low:g}, {high:g}]")
+    from study.layout import StudyLayout
+
+    print(f"  state: {StudyLayout(spec.study_dir).boundary_state}")
 
 
 def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,7 +124,7 @@ def register(subparsers) -> None:
 
     run = sub.add_parser("run", help="validate a spec and run its trials", description=__doc__,
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("spec", help="study spec YAML, or a preset name (smoke, paper, optuna)")
+    run.add_argument("spec", help="study spec YAML, or a preset name (smoke, paper, optuna, boundary)")
     run.add_argument("--name", default=None, help="study name (default: study.name of the spec)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec value, e.g. --set train.steps=200 --set 'search.lr.grid=[1e-3]'")

@@ -8,7 +8,13 @@ status it returns):
 * **loss blow-up**: ``loss > loss_blowup × (loss of the first step)``;
 * **persistent sharpness**: λ₁/threshold (the log's ``ratio``) above
   ``ratio_above`` for ``ratio_steps`` consecutive measurements (rows without
-  a measurement, when ``sharpness.every > 1``, neither count nor reset).
+  a measurement, when ``sharpness.every > 1``, neither count nor reset);
+* **off the edge**: once the EoS onset has come — the first measurement with
+  ratio ≥ 1 after a measurement below 1 (Adam's opening transient, where
+  λ₁(P⁻¹H) starts far above the threshold, is not an onset; the definition
+  of :func:`analysis.metrics.eos_onset`) — the ratio stays above
+  1 + ``edge_delta`` for ``edge_steps`` consecutive measurements, counted
+  from the onset on: the run crossed the threshold and did not settle at it.
 
 Both rules depend on earlier steps, so a resumed trial first replays its
 log (:meth:`DivergenceMonitor.replay`): the verdict is the same whether or
@@ -39,6 +45,9 @@ class DivergenceMonitor:
         self.rules = rules
         self.first_loss: Optional[float] = None
         self.ratio_streak = 0
+        self.below_seen = False          # a measurement with ratio < 1 (the transient is over)
+        self.onset: Optional[int] = None  # step of the EoS onset
+        self.edge_streak = 0
         self.reason: Optional[str] = None
 
     def replay(self, rows: Iterable[dict]) -> None:
@@ -69,5 +78,16 @@ class DivergenceMonitor:
             if self.ratio_streak >= self.rules.ratio_steps:
                 self.reason = (f"λ₁/threshold > {above:g} for {self.ratio_streak} consecutive "
                                f"measurements (step {step})")
+                return True
+        if ratio is not None:
+            if self.onset is None and self.below_seen and ratio >= 1.0:
+                self.onset = step
+            self.below_seen = self.below_seen or ratio < 1.0
+        delta = self.rules.edge_delta
+        if delta is not None and ratio is not None and self.onset is not None:
+            self.edge_streak = self.edge_streak + 1 if ratio > 1.0 + delta else 0
+            if self.edge_streak >= self.rules.edge_steps:
+                self.reason = (f"λ₁/threshold > {1 + delta:g} for {self.edge_streak} consecutive "
+                               f"measurements after the EoS onset at step {self.onset} (step {step})")
                 return True
         return False

@@ -10,6 +10,8 @@
                                                    steps -> ../../steps/variant=<v>/trial=<trial_id>
     tune/                                          Ray Tune's experiment (state, results, checkpoints)
     optuna.journal                                 Optuna studies (search.algorithm: optuna)
+    boundary.json                                  the boundary search's brackets and verdicts
+                                                   (search.algorithm: boundary; study.boundary)
 
 The trainer writes its log into ``run_dir/steps``; that folder is a
 relative symlink to the trial's partition, so the log is written once,
@@ -60,6 +62,10 @@ class StudyLayout:
     @property
     def optuna_journal(self) -> Path:
         return self.root / "optuna.journal"
+
+    @property
+    def boundary_state(self) -> Path:
+        return self.root / "boundary.json"
 
     def run_dir(self, trial_id: str) -> RunDir:
         return RunDir(self.runs / trial_id)

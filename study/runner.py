@@ -46,6 +46,11 @@ class StudyOutcome:
 
     @property
     def complete(self) -> bool:
+        """Every trial has a result; for a boundary search: every (variant, seed) has its answer."""
+        if self.spec.search.algorithm == "boundary":
+            from study.boundary import read_state, state_finished
+
+            return state_finished(read_state(self.layout.boundary_state))
         return self.finished >= self.spec.num_trials()
 
     @property
@@ -147,7 +152,7 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
 
     from study.search import METRIC, build_search
 
-    param_space, search_alg, num_samples, max_concurrent = build_search(spec, layout.optuna_journal)
+    param_space, search_alg, num_samples, max_concurrent = build_search(spec, layout)
     return tune.Tuner(
         _trainable(_plan(spec, layout)),
         param_space=param_space,
@@ -315,11 +320,32 @@ def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str]
             ray.shutdown()
 
 
+def boundary_lines(layout: StudyLayout) -> list[str]:
+    """One line per (variant, seed) of a boundary search's state file."""
+    from study.boundary import read_state
+
+    state = read_state(layout.boundary_state)
+    lines = []
+    for s in (state or {}).get("searches", []):
+        judged = sum(t["verdict"] in ("stable", "unstable") for t in s["trials"])
+        lo = f"{s['lo']:g}" + ("" if s["lo_decided"] else " (assumed)")
+        hi = f"{s['hi']:g}" + ("" if s["hi_decided"] else " (assumed)")
+        lines.append(f"[eos]   boundary {s['variant']} seed {s['seed']}: {s['status']}, stable {lo} < "
+                     f"unstable {hi} (×{s['hi'] / s['lo']:.3g}), {judged} trials"
+                     + (", non-monotone" if s["non_monotone"] else ""))
+    lines.append(f"[eos] boundary state: {layout.boundary_state}")
+    return lines
+
+
 def summary(outcome: StudyOutcome) -> str:
     """A few lines for the console: counts, best trial per variant, paths."""
     spec, table = outcome.spec, outcome.trials
     counts = ", ".join(f"{n} {s}" for s, n in status_counts(table).items()) or "no trials"
-    lines = [f"[eos] study {spec.name}: {counts} ({outcome.finished}/{spec.num_trials()} finished)"]
+    if spec.search.algorithm == "boundary":
+        lines = [f"[eos] study {spec.name}: {counts} ({outcome.finished} finished, at most {spec.num_trials()})"]
+        lines += boundary_lines(outcome.layout)
+    else:
+        lines = [f"[eos] study {spec.name}: {counts} ({outcome.finished}/{spec.num_trials()} finished)"]
     for row in best_trials(table, spec.mode):
         lines.append(f"[eos]   best {row['variant']}: lr={row['lr']:g} seed={row['seed']} "
                      f"{spec.study.objective}={row['objective']:.4g} ({row['status']})")

@@ -1,4 +1,5 @@
-"""How trials are chosen: a grid, or Optuna TPE over log-lr per (variant, seed).
+"""How trials are chosen: a grid, Optuna TPE over log-lr per (variant, seed),
+or a boundary search per (variant, seed).
 
 ``grid``: Tune's ``grid_search`` over variants × learning rates × seeds.
 
@@ -14,6 +15,12 @@ can be opened with::
 
     optuna.load_study(study_name="smoke/base/seed0",
                       storage=JournalStorage(JournalFileBackend("results/smoke/optuna.journal")))
+
+``boundary``: :class:`study.boundary.BoundarySearch`, k-section of a log-lr
+bracket per (variant, seed) until the largest stable and the smallest
+unstable lr are within ``search.boundary.factor``; also wrapped in the
+``ConcurrencyLimiter``, with Tune's ``num_samples`` the most trials it can
+take; its state lives in ``<study>/boundary.json``.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from typing import Optional
 
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from study.layout import StudyLayout
 from study.spec import StudySpec
 
 METRIC = "objective"
@@ -99,9 +107,14 @@ class PerVariantSearch(Searcher):
             self.__dict__.update(pickle.load(f))
 
 
-def build_search(spec: StudySpec, journal: str | Path):
+def build_search(spec: StudySpec, layout: StudyLayout):
     """(param_space, search_alg, num_samples, max_concurrent_trials) for the Tuner."""
     if spec.search.algorithm == "grid":
         return grid_param_space(spec), None, 1, spec.resources.max_concurrent
-    searcher = ConcurrencyLimiter(PerVariantSearch(spec, journal), max_concurrent=spec.resources.max_concurrent)
-    return {}, searcher, spec.num_trials(), None
+    if spec.search.algorithm == "boundary":
+        from study.boundary import BoundarySearch
+
+        searcher = BoundarySearch(spec, layout.boundary_state, runs_dir=layout.runs, metric=METRIC)
+    else:
+        searcher = PerVariantSearch(spec, layout.optuna_journal)
+    return {}, ConcurrencyLimiter(searcher, max_concurrent=spec.resources.max_concurrent), spec.num_trials(), None

@@ -14,12 +14,13 @@ shares (the :class:`trainers.config.RunConfig` sections ``model``, ``data``,
       storage: results              # the study folder is <storage>/<name>
       max_failures: 2               # crashes of one trial Tune retries from its checkpoint
     search:
-      algorithm: grid               # grid | optuna
-      lr: {grid: [1e-3, 1e-4]}      # optuna: {log_uniform: [1e-5, 1e-2]}
+      algorithm: grid               # grid | optuna | boundary
+      lr: {grid: [1e-3, 1e-4]}      # optuna: {log_uniform: [1e-5, 1e-2]}; boundary: {bracket: [1e-5, 1e-1]}
       # num_samples: 8              # optuna: trials per (variant, seed)
       seed: 0                       # seed of the TPE samplers
+      # boundary: {k: 1, factor: 1.1}   # boundary: trials per round per (variant, seed); stop at hi/lo <= factor
     resources: {cpu: 1, gpu: 0.25, max_concurrent: 4}
-    early_stop: {loss_blowup: 100, ratio_above: 20, ratio_steps: 200}
+    early_stop: {loss_blowup: 100, ratio_above: 20, ratio_steps: 200, edge_delta: null, edge_steps: 20}
     model: {preset: tiny}
     data: {name: synthetic, image_size: 16}
     train: {steps: 10}
@@ -37,7 +38,11 @@ relative path against the current directory — all before anything launches.
 The objective ``largest_stable_lr`` is the trial's learning rate when the
 trial did not diverge and 0 when it did; maximised by Optuna it searches for
 the edge of trainability, and the best value per variant is that variant's
-largest stable learning rate among the trials run.
+largest stable learning rate among the trials run.  ``search.algorithm:
+boundary`` finds the same edge by bracketing and k-section instead
+(:mod:`study.boundary`): a trial is *unstable* when it ends ``diverged``
+(the trainer's NaN/inf and ``train.divergence_loss`` checks, and the
+``early_stop`` rules) and *stable* when it completes.
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 # objective -> Tune mode
 OBJECTIVES = {"final_loss": "min", "fid": "min", "largest_stable_lr": "max"}
-ALGORITHMS = ("grid", "optuna")
+ALGORITHMS = ("grid", "optuna", "boundary")
 RUN_SECTIONS = ("model", "data", "schedule", "optim", "variant", "sharpness", "eval", "train")
 # fields each trial sets itself (field path -> where the value comes from)
 PER_TRIAL_FIELDS = {
@@ -128,9 +133,11 @@ class StudySection:
 
 @dataclass
 class LRSpace:
-    """The learning-rate space: a ``grid`` list, or a ``log_uniform`` [low, high] range (optuna)."""
+    """The learning-rate space: a ``grid`` list, a ``log_uniform`` [low, high]
+    range (optuna), or a ``bracket`` [low, high] that holds the boundary (boundary)."""
     grid: Optional[list[float]] = None
     log_uniform: Optional[tuple[float, float]] = None
+    bracket: Optional[tuple[float, float]] = None
 
     def __post_init__(self):
         if self.grid is not None:
@@ -147,34 +154,74 @@ class LRSpace:
                 _fail("search.lr.log_uniform[0]", f"must be > 0; got {low}")
             if not (_positive_number(high) and high > low):
                 _fail("search.lr.log_uniform[1]", f"must be > log_uniform[0]={low}; got {high}")
+        if self.bracket is not None:
+            low, high = self.bracket
+            if not _positive_number(low):
+                _fail("search.lr.bracket[0]", f"must be > 0; got {low}")
+            if not (_positive_number(high) and high > low):
+                _fail("search.lr.bracket[1]", f"must be > bracket[0]={low}; got {high}")
+
+
+@dataclass
+class BoundaryOptions:
+    """The boundary search (``search.algorithm: boundary``, :mod:`study.boundary`).
+
+    ``k``: trials per round of each (variant, seed), at ``k`` log-evenly
+    spaced points inside the current bracket (1: bisection), run in parallel.
+    ``factor``: the search of a (variant, seed) stops once its smallest
+    unstable lr is at most ``factor`` × its largest stable lr.
+    """
+    k: int = 1
+    factor: float = 1.1
+
+    def __post_init__(self):
+        if self.k < 1:
+            _fail("search.boundary.k", f"must be >= 1; got {self.k}")
+        if not (_positive_number(self.factor) and self.factor > 1):
+            _fail("search.boundary.factor", f"must be > 1; got {self.factor}")
+
+
+# the lr space each algorithm takes
+LR_SPACES = {"grid": "grid", "optuna": "log_uniform", "boundary": "bracket"}
 
 
 @dataclass
 class SearchSection:
-    """How learning rates are chosen: every grid point, or Optuna TPE per (variant, seed)."""
+    """How learning rates are chosen: every grid point, Optuna TPE per
+    (variant, seed), or a boundary search per (variant, seed)."""
     algorithm: str = "grid"
     lr: LRSpace = field(default_factory=LRSpace)
     num_samples: Optional[int] = None   # optuna: trials per (variant, seed)
     seed: int = 0                       # optuna: TPE sampler seed
+    boundary: Optional[BoundaryOptions] = None   # boundary: k and factor (BoundaryOptions' defaults if absent)
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             _fail("search.algorithm", f"must be one of {', '.join(ALGORITHMS)}; got {self.algorithm!r}")
-        if self.algorithm == "grid":
-            if self.lr.grid is None:
-                _fail("search.lr.grid", "is required for search.algorithm=grid (a list of learning rates)")
-            if self.lr.log_uniform is not None:
-                _fail("search.lr.log_uniform", "is only for search.algorithm=optuna")
-            if self.num_samples is not None:
-                _fail("search.num_samples", "is only for search.algorithm=optuna "
-                                            "(grid runs every variant × lr × seed once)")
-        else:
-            if self.lr.log_uniform is None:
-                _fail("search.lr.log_uniform", "is required for search.algorithm=optuna ([low, high])")
-            if self.lr.grid is not None:
-                _fail("search.lr.grid", "is only for search.algorithm=grid")
+        wanted = LR_SPACES[self.algorithm]
+        if getattr(self.lr, wanted) is None:
+            shape = {"grid": "a list of learning rates", "log_uniform": "[low, high]",
+                     "bracket": "[low, high] around the boundary"}[wanted]
+            _fail(f"search.lr.{wanted}", f"is required for search.algorithm={self.algorithm} ({shape})")
+        for algorithm, space in LR_SPACES.items():
+            if space != wanted and getattr(self.lr, space) is not None:
+                _fail(f"search.lr.{space}", f"is only for search.algorithm={algorithm}")
+        if self.algorithm == "optuna":
             if self.num_samples is None or self.num_samples < 1:
                 _fail("search.num_samples", f"must be >= 1 for search.algorithm=optuna; got {self.num_samples}")
+        elif self.num_samples is not None:
+            why = ("grid runs every variant × lr × seed once" if self.algorithm == "grid"
+                   else "boundary stops when the bracket is narrower than search.boundary.factor")
+            _fail("search.num_samples", f"is only for search.algorithm=optuna ({why})")
+        if self.algorithm == "boundary":
+            if self.boundary is None:
+                self.boundary = BoundaryOptions()
+            low, high = self.lr.bracket
+            if high / low <= self.boundary.factor:
+                _fail("search.lr.bracket", f"[{low:g}, {high:g}] is already narrower than "
+                                           f"search.boundary.factor={self.boundary.factor:g}; widen it")
+        elif self.boundary is not None:
+            _fail("search.boundary", "is only for search.algorithm=boundary")
 
 
 @dataclass
@@ -202,12 +249,18 @@ class EarlyStopSection:
 
     ``loss_blowup``: the loss exceeds this factor × the first step's loss.
     ``ratio_above``/``ratio_steps``: λ₁/threshold stays above ``ratio_above``
-    for ``ratio_steps`` consecutive sharpness measurements.  ``null`` turns a
-    rule off.
+    for ``ratio_steps`` consecutive sharpness measurements.
+    ``edge_delta``/``edge_steps``: after the EoS onset (the first measurement
+    with λ₁/threshold ≥ 1 after one below 1, as in :mod:`analysis.metrics`),
+    λ₁/threshold stays above 1 + ``edge_delta`` for ``edge_steps``
+    consecutive measurements: the run does not settle at the edge of
+    stability.  ``null`` turns a rule off.
     """
     loss_blowup: Optional[float] = 100.0
     ratio_above: Optional[float] = None
     ratio_steps: int = 20
+    edge_delta: Optional[float] = None
+    edge_steps: int = 20
 
     def __post_init__(self):
         if self.loss_blowup is not None and not self.loss_blowup > 1:
@@ -216,6 +269,22 @@ class EarlyStopSection:
             _fail("early_stop.ratio_above", f"must be > 0 or null; got {self.ratio_above}")
         if self.ratio_steps < 1:
             _fail("early_stop.ratio_steps", f"must be >= 1; got {self.ratio_steps}")
+        if self.edge_delta is not None and not (math.isfinite(self.edge_delta) and self.edge_delta >= 0):
+            _fail("early_stop.edge_delta", f"must be >= 0 or null; got {self.edge_delta}")
+        if self.edge_steps < 1:
+            _fail("early_stop.edge_steps", f"must be >= 1; got {self.edge_steps}")
+
+    def describe(self) -> list[str]:
+        """The rules that are on, in words (``eos study run --dry-run``)."""
+        out = []
+        if self.loss_blowup is not None:
+            out.append(f"loss > {self.loss_blowup:g} × the first step's loss")
+        if self.ratio_above is not None:
+            out.append(f"λ₁/threshold > {self.ratio_above:g} for {self.ratio_steps} consecutive measurements")
+        if self.edge_delta is not None:
+            out.append(f"after the EoS onset, λ₁/threshold > {1 + self.edge_delta:g} for {self.edge_steps} "
+                       "consecutive measurements")
+        return out
 
 
 @dataclass(frozen=True)
@@ -279,7 +348,17 @@ class StudySpec:
                 for s in self.study.seeds]
 
     def num_trials(self) -> int:
-        per = len(self.search.lr.grid) if self.search.algorithm == "grid" else self.search.num_samples
+        """The number of trials; for a boundary search the most it can take
+        (:func:`study.boundary.max_trials` per variant and seed)."""
+        if self.search.algorithm == "grid":
+            per = len(self.search.lr.grid)
+        elif self.search.algorithm == "optuna":
+            per = self.search.num_samples
+        else:
+            from study.boundary import max_trials
+
+            low, high = self.search.lr.bracket
+            per = max_trials(low, high, self.search.boundary.k, self.search.boundary.factor)
         return len(self.study.variants) * len(self.study.seeds) * per
 
     def to_dict(self) -> dict:
@@ -303,7 +382,7 @@ def _validate_trials(spec: StudySpec) -> None:
     if spec.search.algorithm == "grid":
         keys = spec.grid_trials()
     else:
-        low, high = spec.search.lr.log_uniform
+        low, high = spec.search.lr.log_uniform if spec.search.algorithm == "optuna" else spec.search.lr.bracket
         keys = [TrialKey(v, lr, s) for v in spec.study.variants for lr in (low, high) for s in spec.study.seeds]
     for key in keys:
         try:
@@ -317,6 +396,12 @@ def _validate_trials(spec: StudySpec) -> None:
         _fail("train.device", f"{device!r} needs resources.gpu > 0 (Ray hides GPUs from trials without a GPU share)")
     if spec.study.objective == "fid" and not spec.eval.get("every"):
         _fail("study.objective", "'fid' needs eval.every > 0 (FID is measured during training)")
+    if spec.search.algorithm == "boundary" and spec.study.objective != "largest_stable_lr":
+        _fail("study.objective", f"search.algorithm=boundary searches for the largest stable lr; set "
+                                 f"study.objective: largest_stable_lr (got {spec.study.objective!r})")
+    if spec.early_stop.edge_delta is not None and cfg.sharpness.every == 0:  # sharpness: a base section
+        _fail("early_stop.edge_delta", "needs λ₁/threshold measurements; set sharpness.every > 0 "
+                                       "(or edge_delta: null)")
 
 
 def _resolve_paths(spec: StudySpec, base: Path) -> None:

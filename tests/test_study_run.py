@@ -253,3 +253,118 @@ def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_
     steps = steps_of(root)
     for t in trials.index:
         assert_every_step_once(steps, t, 12)
+
+
+# ---------------------------------------------------------------------------
+# the boundary search
+
+
+def test_boundary_search_under_tune_finds_each_synthetic_boundary(ray_address, tmp_path):
+    """BoundarySearch as built for a study (ConcurrencyLimiter, num_samples cap), in a real Tuner, with a
+    function trainable that is stable iff lr < the variant's boundary: every boundary within the factor 1.1
+    in at most 8 trials per variant."""
+    from ray import tune
+
+    from study.boundary import read_state, state_finished
+    from study.search import METRIC, build_search
+
+    boundaries = {"base": 2.2e-4, "edm": 1.37e-3, "vparam": 3.1e-2}
+    spec = spec_from_dict(small_spec(
+        study={"name": "bnd", "variants": list(boundaries), "storage": str(tmp_path),
+               "objective": "largest_stable_lr"},
+        search={"algorithm": "boundary", "lr": {"bracket": [1e-5, 1e-1]}}, resources={"max_concurrent": 2}))
+    layout = StudyLayout(spec.study_dir)
+
+    def synthetic(config):
+        stable = config["lr"] < boundaries[config["variant"]]
+        tune.report({"objective": config["lr"] if stable else 0.0, "status": "completed" if stable else "diverged",
+                     "reason": None if stable else "synthetic divergence"})
+
+    param_space, search_alg, num_samples, _ = build_search(spec, layout)
+    assert num_samples == 3 * 8
+    grid = tune.Tuner(
+        tune.with_resources(synthetic, {"cpu": 1}), param_space=param_space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=spec.mode, search_alg=search_alg, num_samples=num_samples,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name="tune", storage_path=str(layout.root), verbose=0)).fit()
+    tried: dict[str, list[float]] = {}
+    for result in grid:
+        assert result.error is None
+        tried.setdefault(result.config["variant"], []).append(result.config["lr"])
+    state = read_state(layout.boundary_state)
+    assert state_finished(state)
+    for entry in state["searches"]:
+        lrs = tried[entry["variant"]]
+        assert len(lrs) <= 8 and len(set(lrs)) == len(lrs)
+        assert sorted(lrs) == sorted(t["lr"] for t in entry["trials"])
+        assert entry["status"] == "found" and entry["lo"] < boundaries[entry["variant"]] <= entry["hi"]
+        assert entry["hi"] / entry["lo"] <= 1.1
+        assert {t["reason"] for t in entry["trials"] if t["verdict"] == "unstable"} == {"synthetic divergence"}
+
+
+def test_an_interrupted_boundary_study_resumes_its_bracket_without_repeating_trials(ray_address, tmp_path):
+    """A real boundary study (tiny model, Adam; unstable = the loss 20× its first value), stopped with SIGINT
+    after two trials and resumed: the bisection goes on from the state file, every lr runs once (one Tune
+    trial and one run folder each), and the lrs are the ones an uninterrupted bisection with these verdicts
+    tries."""
+    from analysis.report import build_report
+    from study.boundary import BracketSearch, read_state, state_finished
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(small_spec(
+        study={"name": "bnd", "storage": str(tmp_path), "objective": "largest_stable_lr"},
+        search={"algorithm": "boundary", "lr": {"bracket": [1e-3, 1.0]}, "boundary": {"k": 1, "factor": 2.0}},
+        resources={"max_concurrent": 1}, early_stop={"loss_blowup": 20},
+        train={"steps": 4, "checkpoint_every": 2})))
+    root = tmp_path / "bnd"
+    driver = subprocess.Popen([sys.executable, "-m", "study.cli", "study", "run", str(spec_path),
+                               "--address", ray_address, "--verbose", "0"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len((read_state(root / "boundary.json") or {"searches": [{"trials": []}]})["searches"][0]["trials"]) < 2:
+            assert driver.poll() is None, driver.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "two trials did not finish in time"
+            time.sleep(0.3)
+        driver.send_signal(signal.SIGINT)
+        output = driver.communicate(timeout=120)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 1, output[-3000:]
+    before = read_state(root / "boundary.json")
+    assert not state_finished(before)
+    judged_before = [t["lr"] for t in before["searches"][0]["trials"]]
+    assert len(judged_before) >= 2
+
+    assert cli_main(["study", "resume", str(root), "--verbose", "0"]) == 0
+    state = read_state(root / "boundary.json")
+    assert state_finished(state)
+    entry = state["searches"][0]
+    lrs = [t["lr"] for t in entry["trials"]]
+    assert lrs[:len(judged_before)] == judged_before      # the verdicts before the interruption were kept
+    assert len(lrs) == len(set(lrs))
+    # one Tune trial and one run folder per lr: nothing ran twice
+    trials = trials_of(root)
+    assert sorted(trials["lr"]) == sorted(lrs) and len(list((root / "tune").glob("base_lr*-*"))) == len(lrs)
+    assert set(trials["status"]) <= {"completed", "diverged"}
+    verdict = {t["lr"]: t["verdict"] for t in entry["trials"]}
+    for t, row in trials.iterrows():
+        assert verdict[row["lr"]] == ("stable" if row["status"] == "completed" else "unstable")
+        if row["status"] == "diverged":
+            assert "first loss" in row["reason"]
+    # the same verdicts fed to a fresh bisection give the same lrs in the same order
+    replay = BracketSearch(1e-3, 1.0, 1, 2.0)
+    order = []
+    while replay.open_points():
+        lr = replay.open_points()[0]
+        order.append(lr)
+        replay.record(lr, verdict[lr] == "stable")
+    assert order == lrs and replay.status == entry["status"]
+    steps = steps_of(root)
+    for t, row in trials.iterrows():
+        assert_every_step_once(steps, t, int(row["steps_done"]))
+    # the report has the boundary table and figure
+    paths = build_report(root, out_dir=tmp_path / "report", quiet=True)
+    assert "boundary" in paths.figures
+    assert "Largest stable learning rate" in paths.markdown.read_text(encoding="utf-8")
