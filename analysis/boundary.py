@@ -24,7 +24,6 @@ report its table and figure for studies that search the largest stable lr
 """
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -232,28 +231,14 @@ class BoundarySection:
         return (f"From a {how}. A trial is stable when it completed and unstable when it diverged; lo is the "
                 f"largest stable lr below the smallest unstable lr hi.{stop}")
 
-    def markdown(self, out_dir: Path) -> str:
-        rel = self.figure.png.relative_to(out_dir).as_posix()
-        return "\n".join([f"## {self.title}", "", self.note(), "", _markdown_table(self.display), "",
-                          f"![boundary]({rel})", "", f"*{CAPTION}*", ""])
-
-    def html(self) -> str:
+    def context(self, out_dir: Path) -> dict:
+        """The section as the report templates show it (``boundary`` in :func:`analysis.report.report_context`)."""
         import base64
 
-        data = base64.b64encode(self.figure.png.read_bytes()).decode("ascii")
-        return "\n".join([
-            f"<h2>{html.escape(self.title)}</h2>", f"<p>{html.escape(self.note())}</p>",
-            self.display.to_html(index=False, escape=True, border=0, na_rep="—"),
-            f"<figure id='boundary'><img alt='boundary' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{html.escape(CAPTION)} (SVG: figures/{self.figure.svg.name})</figcaption></figure>"])
-
-
-def _markdown_table(frame: pd.DataFrame) -> str:
-    def cell(v) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+        return {"title": self.title, "note": self.note(), "table": self.display, "caption": CAPTION,
+                "png": self.figure.png.relative_to(out_dir).as_posix(),
+                "svg": self.figure.svg.relative_to(out_dir).as_posix(),
+                "png_base64": base64.b64encode(self.figure.png.read_bytes()).decode("ascii")}
 
 
 def search_settings(study_dir: str | os.PathLike) -> Optional[dict]:

@@ -1,4 +1,7 @@
-"""The analysis commands of ``eos``: ``eos report STUDY_DIR [--out DIR]``.
+"""The analysis commands of ``eos``:
+
+    eos report STUDY_DIR [--out DIR]          HTML report + Markdown summary of a study or run
+    eos schema [--format text|markdown|json]  the step dataset's schema (columns, type, unit, meaning)
 
 ``register(subparsers)`` adds them to the ``eos`` dispatcher; each sets
 ``func`` (called with the parsed namespace, returns an exit code).
@@ -7,8 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional, Sequence
+
+SCHEMA_FORMATS = ("text", "markdown", "json")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -23,8 +29,36 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def schema_document(fmt: str = "text") -> str:
+    """The step dataset's schema (:mod:`trainers.run.steplog`) as text, a
+    Markdown table (the README's) or JSON."""
+    import pandas as pd
+
+    from analysis.tables import markdown_table
+    from trainers.run.steplog import PARTITION_COLUMNS, SCHEMA_VERSION, UNITS, schema_rows
+
+    rows = schema_rows()
+    if fmt == "json":
+        return json.dumps({"schema_version": SCHEMA_VERSION, "columns": rows, "units": UNITS}, indent=2,
+                          ensure_ascii=False)
+    frame = pd.DataFrame(rows)
+    table = markdown_table(frame, "pipe") if fmt == "markdown" else frame.to_markdown(
+        index=False, tablefmt="simple", disable_numparse=True)
+    partitions = ", ".join(c.name for c in PARTITION_COLUMNS)
+    units = "; ".join(f"{symbol}: {meaning}" for symbol, meaning in UNITS.items())
+    return (f"Step log, schema version {SCHEMA_VERSION}: one row per optimizer step, null where not measured. "
+            f"The partition columns ({partitions}) come from a study's folder names "
+            "(steps/variant=<v>/trial=<id>/part-*.parquet), not from the files.\n\n"
+            f"{table}\n\nUnits: {units}.")
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(schema_document(args.format))
+    return 0
+
+
 def register(subparsers) -> None:
-    """Add ``report`` to an ``argparse`` subparsers object."""
+    """Add ``report`` and ``schema`` to an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "report", help="HTML report and Markdown summary of a study or run folder",
         description="Load results/<study> (or a single run folder), compute the edge-of-stability metrics "
@@ -34,6 +68,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (default: STUDY_DIR/report)")
     p.add_argument("--quiet", action="store_true", help="do not print progress and the summary table")
     p.set_defaults(func=_report)
+
+    s = subparsers.add_parser(
+        "schema", help="the per-step dataset's schema: columns, type, unit, meaning, version",
+        description="Print the schema of the per-step log (trainers/run/steplog.py) that every run writes and "
+                    "that a study gathers into one hive-partitioned Parquet dataset (results/<study>/steps).")
+    s.add_argument("--format", choices=SCHEMA_FORMATS, default="text",
+                   help="text (default), markdown (the README's table) or json")
+    s.set_defaults(func=_schema)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

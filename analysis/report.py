@@ -9,11 +9,17 @@
 
 and prints the summary table.  Sample-quality metrics are optional: without
 any FID value the report says so and builds the rest.
+
+Both documents are Jinja2 templates shipped with the package
+(``analysis/templates/report.html.j2`` and ``summary.md.j2``) rendered from
+one context (:func:`report_context`); pandas renders the tables (the
+``html_table`` and ``markdown_table`` filters, :mod:`analysis.tables`).
+Adding a section to the report is one entry in :func:`report_context` and
+one ``{% block %}`` in the template(s) that show it.
 """
 from __future__ import annotations
 
 import base64
-import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +27,12 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from analysis import metrics as M
 from analysis import plots as P
 from analysis.load import Study, load
+from analysis.tables import html_table, markdown_table
 from trainers.run.rundir import STATUS_MEANINGS, STATUSES
 
 FIGURE_CAPTIONS = {
@@ -194,15 +202,6 @@ def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    def cell(v) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
-             "|" + "|".join("---" for _ in frame.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def sample_metrics_note(per_trial: pd.DataFrame) -> Optional[str]:
     """None when some trial has an FID; else why there is none and how to get it."""
     if "fid" in per_trial and np.isfinite(per_trial["fid"].astype(float)).any():
@@ -228,70 +227,44 @@ def _status_counts(trials: pd.DataFrame) -> str:
 # the documents
 
 
-_CSS = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
-       color: #222; padding: 0 1em; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.88em; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
-pre.note { background: #fff8e5; border: 1px solid #f0d68a; padding: 0.8em; white-space: pre-wrap; }
-dl dt { font-weight: bold; } dl dd { margin: 0 0 0.5em 1.5em; }
-"""
+def blockquote(text: str) -> str:
+    """Markdown quote of every line of ``text``."""
+    return "\n".join("> " + line if line else ">" for line in text.splitlines())
 
 
-def _html_table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, escape=True, border=0, na_rep="—")
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("analysis", "templates"), autoescape=select_autoescape(["html.j2"]),
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=StrictUndefined)
+    env.filters.update(html_table=html_table, markdown_table=markdown_table, blockquote=blockquote)
+    return env
 
 
-def render_html(study: Study, tables: StudyTables, figures: dict[str, P.FigurePaths],
-                note: Optional[str]) -> str:
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             f"<title>EoS report — {html.escape(study.name)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>Edge-of-stability report — {html.escape(study.name)}</h1>",
-             f"<p>{html.escape(str(study.path))} · {len(study.trials)} trial(s): "
-             f"{html.escape(_status_counts(study.trials))} · variants: {html.escape(', '.join(study.variants))}"
-             f" · learning rates: {html.escape(', '.join(P.format_lr(lr) for lr in study.lrs))}</p>",
-             "<h2>Summary (variant × learning rate, mean [95% CI] over seeds)</h2>",
-             _html_table(summary_table(tables.aggregate))]
-    for text in (_binning_note(tables), note):
-        if text:
-            parts.append(f"<pre class='note'>{html.escape(text)}</pre>")
-    parts.append("<h2>Figures</h2>")
-    for name, paths in figures.items():
-        data = base64.b64encode(paths.png.read_bytes()).decode("ascii")
-        parts.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{html.escape(FIGURE_CAPTIONS.get(name, name))} "
-                     f"(SVG: figures/{paths.svg.name})</figcaption></figure>")
-    parts.append("<h2>Trials</h2>")
-    parts.append(_html_table(per_trial_table(tables.per_trial)))
-    parts.append("<h2>Definitions</h2><dl>")
-    for term, text in DEFINITIONS:
-        parts.append(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>")
-    parts.append("</dl></body></html>")
-    return "\n".join(parts)
+def report_context(study: Study, tables: StudyTables, figures: dict[str, P.FigurePaths],
+                   note: Optional[str], out_dir: Path, boundary=None) -> dict:
+    """Everything the templates show: tables as DataFrames, notes and
+    captions as plain text (the HTML template escapes them).  ``boundary``:
+    the largest-stable-lr section (:func:`analysis.boundary.report_section`), if any."""
+    return {
+        "title": f"Edge-of-stability report — {study.name}",
+        "study": {"name": study.name, "path": str(study.path), "n_trials": len(study.trials),
+                  "statuses": _status_counts(study.trials), "variants": list(study.variants),
+                  "lrs": [P.format_lr(lr) for lr in study.lrs]},
+        "summary": summary_table(tables.aggregate),
+        "notes": [text for text in (_binning_note(tables), note) if text],
+        "figures": [{"name": name, "caption": FIGURE_CAPTIONS.get(name, name),
+                     "png": paths.png.relative_to(out_dir).as_posix(),
+                     "svg": paths.svg.relative_to(out_dir).as_posix(),
+                     "png_base64": base64.b64encode(paths.png.read_bytes()).decode("ascii")}
+                    for name, paths in figures.items()],
+        "boundary": None if boundary is None else boundary.context(out_dir),
+        "trials": per_trial_table(tables.per_trial),
+        "definitions": DEFINITIONS,
+    }
 
 
-def render_markdown(study: Study, tables: StudyTables, figures: dict[str, P.FigurePaths],
-                    note: Optional[str], out_dir: Path) -> str:
-    lines = [f"# Edge-of-stability report — {study.name}", "",
-             f"`{study.path}` · {len(study.trials)} trial(s): {_status_counts(study.trials)}", "",
-             "## Summary (variant × learning rate, mean [95% CI] over seeds)", "",
-             markdown_table(summary_table(tables.aggregate)), ""]
-    for text in (_binning_note(tables), note):
-        if text:
-            lines += ["> " + line if line else ">" for line in text.splitlines()]
-            lines.append("")
-    if figures:
-        lines += ["## Figures", ""]
-        for name, paths in figures.items():
-            rel = paths.png.relative_to(out_dir).as_posix()
-            lines += [f"![{name}]({rel})", "", f"*{FIGURE_CAPTIONS.get(name, name)}*", ""]
-    lines += ["## Definitions", ""]
-    lines += [f"- **{term}**: {text}" for term, text in DEFINITIONS]
-    return "\n".join(lines) + "\n"
+def render(template: str, context: dict) -> str:
+    """Render ``analysis/templates/<template>`` with ``context``."""
+    return _environment().get_template(template).render(**context)
 
 
 def build_report(study_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
@@ -314,20 +287,14 @@ def build_report(study_dir: str | os.PathLike, out_dir: Optional[str | os.PathLi
                         figures=figures)
     tables.aggregate.to_csv(paths.summary_csv, index=False)
     tables.per_trial.to_csv(paths.per_trial_csv, index=False)
-    html_text = render_html(study, tables, figures, note)
-    markdown_text = render_markdown(study, tables, figures, note, out_dir)
-    # --- boundary hook (issue 20, largest stable lr): a minimal insertion; the lead moves it into the
-    # report template.  analysis.boundary.report_section gives the table (+ boundary.csv) and figure. ---
     from analysis.boundary import report_section
 
     boundary = report_section(study, out_dir)
+    context = report_context(study, tables, figures, note, out_dir, boundary)
+    paths.html.write_text(render("report.html.j2", context), encoding="utf-8")
+    paths.markdown.write_text(render("summary.md.j2", context), encoding="utf-8")
     if boundary is not None:
-        html_text = html_text.replace("<h2>Figures</h2>", boundary.html() + "\n<h2>Figures</h2>", 1)
-        markdown_text = markdown_text.replace("## Definitions", boundary.markdown(out_dir) + "\n## Definitions", 1)
         paths.figures["boundary"] = boundary.figure
-    # --- end of the boundary hook ---
-    paths.html.write_text(html_text, encoding="utf-8")
-    paths.markdown.write_text(markdown_text, encoding="utf-8")
     if not quiet:
         with pd.option_context("display.width", 200, "display.max_columns", None):
             print(summary_table(tables.aggregate).to_string(index=False))

@@ -4,6 +4,7 @@
     eos sample  ...   sample grid from a run's EMA weights (trainers.run.cli)
     eos study   ...   Ray Tune / Optuna sweeps (study.commands)
     eos report  ...   EoS report of a study (analysis.cli)
+    eos schema  ...   the per-step dataset's schema (analysis.cli)
 """
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ EPILOG = """spec format (see study/spec.py and study/presets/):
               boundary: {k (trials per round per variant and seed), factor (stop at hi/lo <= factor)}
   resources:  cpu, gpu (fractional, e.g. 0.25), max_concurrent
   early_stop: loss_blowup, ratio_above, ratio_steps, edge_delta, edge_steps
+  trackers:   every (report to Tune every N steps), mlflow, tensorboard, wandb (Tune's tracker callbacks,
+              pip install -e .[tracking]); or a list of names: [mlflow, tensorboard]
   model, data, schedule, optim, variant, sharpness, eval, train: the base run config of every trial
 """
 
@@ -70,6 +72,9 @@ def _print_plan(spec) -> int:
     print(f"  {at_most}{spec.num_trials()} trials, search {spec.search.algorithm}, objective {spec.study.objective} "
           f"({spec.mode}), {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial, "
           f"at most {spec.resources.max_concurrent} at once")
+    every = spec.trackers.every
+    print(f"  trials report to Tune {f'every {every} steps' if every else 'at checkpoints and the end'}; "
+          f"trackers: {', '.join(spec.trackers.enabled) or 'none'}")
     if spec.search.algorithm == "grid":
         for key in spec.grid_trials():
             print(f"  {key.trial_id}")

@@ -184,7 +184,6 @@ def summarize(out: Path, names: list[str]) -> None:
 
     from analysis.load import ANALYSIS_COLUMNS, load_run
     from analysis.metrics import with_lambda
-    from analysis.report import markdown_table
     from trainers.run.rundir import RunDir
 
     rows, frames = [], []
@@ -202,7 +201,7 @@ def summarize(out: Path, names: list[str]) -> None:
     if not rows:
         return
     table = pd.DataFrame(rows).round(4)
-    (out / "summary.md").write_text(markdown_table(table))
+    (out / "summary.md").write_text(table.to_markdown(index=False) + "\n")
     print(table.to_string(index=False), flush=True)
 
     data = pd.concat(frames)

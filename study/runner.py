@@ -151,6 +151,7 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
     from ray import tune
 
     from study.search import METRIC, build_search
+    from study.trackers import build_callbacks
 
     param_space, search_alg, num_samples, max_concurrent = build_search(spec, layout)
     return tune.Tuner(
@@ -164,6 +165,7 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
             name=layout.tune.name, storage_path=str(layout.root),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=build_callbacks(spec.trackers, spec.name, layout.root),
             verbose=verbose),
     )
 

@@ -21,6 +21,10 @@ shares (the :class:`trainers.config.RunConfig` sections ``model``, ``data``,
       # boundary: {k: 1, factor: 1.1}   # boundary: trials per round per (variant, seed); stop at hi/lo <= factor
     resources: {cpu: 1, gpu: 0.25, max_concurrent: 4}
     early_stop: {loss_blowup: 100, ratio_above: 20, ratio_steps: 200, edge_delta: null, edge_steps: 20}
+    trackers:                       # Tune's MLflow / TensorBoard / W&B callbacks (study.trackers)
+      every: 10                     # trials report loss, λ₁, ratio, ... every 10 steps
+      mlflow: {tracking_uri: sqlite:///results/mlflow.db}
+      # tensorboard: {}             # or the short form  trackers: [mlflow, tensorboard]
     model: {preset: tiny}
     data: {name: synthetic, image_size: 16}
     train: {steps: 10}
@@ -55,6 +59,9 @@ from typing import Any, Optional
 
 import yaml
 
+from study.trackers import TrackersSection
+from study.trackers import normalize as normalize_trackers
+from study.trackers import resolve_paths as resolve_tracker_paths
 from trainers.config import (OPTIMIZERS, ConfigError, DataConfig, RunConfig, from_dict, merge,
                              run_config, to_dict)
 from trainers.run.rundir import trial_id
@@ -306,6 +313,7 @@ class StudySpec:
     search: SearchSection = field(default_factory=SearchSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     early_stop: EarlyStopSection = field(default_factory=EarlyStopSection)
+    trackers: TrackersSection = field(default_factory=TrackersSection)
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     schedule: dict[str, Any] = field(default_factory=dict)
@@ -417,6 +425,7 @@ def _resolve_paths(spec: StudySpec, base: Path) -> None:
         data["path"] = absolute("data")  # the trainer's own default, fixed before Tune changes folders
     if spec.eval.get("inception_weights"):
         spec.eval["inception_weights"] = absolute(spec.eval["inception_weights"])
+    resolve_tracker_paths(spec.trackers, absolute)
 
 
 def check_data(spec: StudySpec) -> None:
@@ -441,7 +450,10 @@ def spec_from_dict(data: dict, *, base_dir: str | os.PathLike | None = None,
         _fail("spec", f"must be a mapping; got {type(data).__name__}")
     if "study" not in data:
         _fail("study", "section is required (study.name, study.variants, ...)")
-    spec = from_dict(StudySpec, copy.deepcopy(data))
+    data = copy.deepcopy(data)
+    if "trackers" in data:
+        data["trackers"] = normalize_trackers(data["trackers"])
+    spec = from_dict(StudySpec, data)
     _check_run_sections(spec)
     _resolve_paths(spec, Path(base_dir) if base_dir is not None else Path.cwd())
     _validate_trials(spec)

@@ -6,7 +6,10 @@ attempt, Tune's retry after a crash (``FailureConfig(max_failures)``), or a
 resumed study — finds the same folder and the trainer resumes it exactly
 (newest checkpoint, log cut back to it).
 
-Every trainer checkpoint is also reported to Tune (``tune.report`` with a
+Every ``trackers.every`` steps the trial reports the step's measurements to
+Tune (:func:`step_metrics`), which hands them to Tune's loggers and the
+spec's trackers (:mod:`study.trackers`).  Every trainer checkpoint is also
+reported to Tune (``tune.report`` with a
 ``Checkpoint`` holding the ``ckpt-*.pt`` file): a retried trial gets it from
 ``tune.get_checkpoint()`` and puts it back into the run folder when the
 folder lacks it (e.g. the folder was lost), before the trainer resumes.
@@ -36,7 +39,7 @@ from study.early_stop import DivergenceMonitor
 from study.layout import StudyLayout
 from study.spec import StudySpec, TrialKey
 from study.trials import objective_value, trial_row
-from trainers.run.rundir import RUNNING, RunDir, checkpoint_step
+from trainers.run.rundir import DIVERGED, RUNNING, RunDir, checkpoint_step
 
 FAULT_ENV = "EOS_STUDY_KILL_AT_STEP"
 
@@ -97,6 +100,27 @@ def _finite_or_none(value) -> Optional[float]:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+# the step-log columns a trial reports to Tune every trackers.every steps
+STEP_METRICS = ("loss", "lr", "lambda_max", "lambda_precond", "threshold", "ratio", "eig_residual")
+
+
+def step_metrics(row: Optional[dict], steps_done: int, *, status: str, objective: float, trial: str) -> dict:
+    """A result for ``tune.report``: ``objective``, ``status`` (and as a
+    number ``diverged``: 1.0 or 0.0), ``steps_done`` and ``timesteps_total``
+    (both the optimizer steps done: the trackers' step axis) and ``trial``;
+    with a step-log ``row`` also its ``step`` and its :data:`STEP_METRICS`
+    columns that were measured at that step (finite values only)."""
+    metrics = {"objective": objective, "status": status, "diverged": float(status == DIVERGED),
+               "steps_done": int(steps_done), "timesteps_total": int(steps_done), "trial": trial}
+    if row is not None:
+        metrics["step"] = int(row["step"])
+        for name in STEP_METRICS:
+            value = _finite_or_none(row.get(name))
+            if value is not None:
+                metrics[name] = value
+    return metrics
+
+
 def run_trial(config: dict, plan: TrialPlan) -> None:
     """Tune entry point: ``config`` holds ``variant``, ``lr`` and ``seed``."""
     import torch
@@ -116,34 +140,39 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     restore_checkpoint(tune.get_checkpoint(), run)
 
     monitor = DivergenceMonitor(spec.early_stop)
-    seen = {"primed": False, "loss": None, "ratio": None, "fid": None}
+    seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None}
+
+    def objective(status: str) -> float:
+        return objective_value(spec.study.objective, status, key.lr, seen["loss"], seen["fid"])
 
     def on_step(row: dict) -> Optional[tuple[str, str]]:
         if not seen["primed"]:  # a resumed run: replay the log before this step
             history = run.read_steps()
             monitor.replay(history[history["step"] < row["step"]].to_dict("records"))
             seen["primed"] = True
-        seen["loss"] = row.get("loss")
-        for name in ("ratio", "fid"):
-            if row.get(name) is not None:
-                seen[name] = row[name]
+        seen["loss"], seen["row"] = row.get("loss"), row
+        if row.get("fid") is not None:
+            seen["fid"] = row["fid"]
         if plan.fault is not None:
             plan.fault.maybe_kill(row["step"])
         verdict = monitor(row)
+        every = spec.trackers.every
+        if every and row["step"] % every == 0:
+            status = verdict or RUNNING
+            tune.report(step_metrics(row, row["step"] + 1, status=status, objective=objective(status),
+                                     trial=key.trial_id))
+            seen["reported"] = row["step"]
         return (verdict, monitor.reason) if verdict else None
 
     def on_checkpoint(path: Path, steps_done: int) -> None:
-        metrics = {
-            "objective": objective_value(spec.study.objective, RUNNING, key.lr, seen["loss"], seen["fid"]),
-            "loss": _finite_or_none(seen["loss"]), "ratio": _finite_or_none(seen["ratio"]),
-            "steps_done": steps_done, "status": RUNNING, "trial": key.trial_id,
-        }
+        metrics = step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING), trial=key.trial_id)
         with tempfile.TemporaryDirectory(dir=run.path, prefix=".tune-checkpoint-") as d:
             _link_or_copy(path, Path(d) / path.name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
     row = trial_row(layout, run, spec.study.objective)
-    tune.report({"objective": row["objective"], "loss": _finite_or_none(row["final_loss"]),
-                 "ratio": row["final_ratio"], "steps_done": row["steps_done"], "status": row["status"],
-                 "trial": key.trial_id})
+    last = seen["row"]  # the last step's measurements, unless its cadence report already carried them
+    last = None if last is None or last["step"] == seen["reported"] else last
+    tune.report(step_metrics(last, row["steps_done"], status=row["status"], objective=row["objective"],
+                             trial=key.trial_id))

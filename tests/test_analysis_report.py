@@ -8,7 +8,8 @@ import pytest
 
 from analysis import cli
 from analysis.report import build_report
-from analysis_fixtures import SyntheticTrial, build_fixture_study, check_report, write_run, write_study
+from analysis_fixtures import (SyntheticTrial, build_fixture_study, check_report, markdown_rows, write_run,
+                               write_study)
 
 
 def test_report_from_fixture_study(tmp_path, capsys):
@@ -19,7 +20,7 @@ def test_report_from_fixture_study(tmp_path, capsys):
     md = paths.markdown.read_text(encoding="utf-8")
     # base at 1e-3: onsets 40, 44, 48 → "44 [34, 54]"; edm at 1e-3: one of two seeds diverged
     assert "44 [34, 54]" in md and "44 [34, 54]" in page
-    assert "| edm | 1e-3 | 2 | 1/2 | 2/2 |" in md
+    assert ["edm", "1e-3", "2", "1/2", "2/2"] in [row[:5] for row in markdown_rows(md)]
     assert "No FID" not in md                      # vparam measured FID
     summary = pd.read_csv(paths.summary_csv).set_index(["variant", "lr"])
     assert summary.loc[("base", 1e-3), "onset_step_mean"] == 44.0
@@ -44,7 +45,7 @@ def test_report_without_fid_says_why(tmp_path, monkeypatch, capsys):
 def test_report_of_a_single_run(tmp_path):
     run = write_run(tmp_path / "runs" / "one", SyntheticTrial("base", 1e-3, 0, steps=50, onset=25))
     paths = check_report(run, tmp_path / "out")
-    assert "| base | 1e-3 | 1 | 0/1 | 1/1 | 25 |" in paths.markdown.read_text(encoding="utf-8")
+    assert ["base", "1e-3", "1", "0/1", "1/1", "25"] in [row[:6] for row in markdown_rows(paths.markdown.read_text(encoding="utf-8"))]
 
 
 def test_cli_standalone_and_registered(tmp_path, capsys):
@@ -124,3 +125,23 @@ def test_step_curvature_curve_and_figure_for_gd_trials_only(tmp_path):
     paths = build_report(study_dir, tmp_path / "out", quiet=True)
     assert "step_ratio" in paths.figures and paths.figures["step_ratio"].png.stat().st_size > 0
     assert "step curvature" in paths.markdown.read_text(encoding="utf-8")
+
+
+def test_documents_are_templates_with_tables_rendered_by_pandas(tmp_path):
+    """The HTML template escapes text; the summary table of summary.md is
+    summary_table cell for cell; each table appears once in the page."""
+    from analysis.load import load
+    from analysis.report import study_tables, summary_table
+
+    trials = [SyntheticTrial("base", lr, 0, steps=12, onset=6) for lr in (1e-3, 1e-4)]
+    study_dir = write_study(tmp_path / "a&b<i>", trials)
+    paths = build_report(study_dir, tmp_path / "out", quiet=True)
+    page, md = paths.html.read_text(encoding="utf-8"), paths.markdown.read_text(encoding="utf-8")
+    assert "a&amp;b&lt;i&gt;" in page and "a&b<i>" not in page
+    assert "# Edge-of-stability report — a&b<i>" in md
+    expected = summary_table(study_tables(load(study_dir)).aggregate)
+    rows = markdown_rows(md)
+    assert rows[0] == list(expected.columns)
+    assert rows[1:len(expected) + 1] == expected.astype(str).values.tolist()
+    assert page.count('<table id="T_summary"') == 1 and page.count('<table id="T_trials"') == 1
+    assert page.count("<tr>") == (len(expected) + 1) + (len(trials) + 1)

@@ -32,3 +32,15 @@ def test_readme_names_install_and_main_job_commands():
     assert "pip install -r requirements.txt -e ." in readme
     assert re.search(r"eos study run study/presets/smoke\.yaml", readme)
     assert (ROOT / "study" / "presets" / "smoke.yaml").exists()
+
+
+def test_report_templates_ship_as_package_data():
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["analysis"]
+    templates = sorted((ROOT / "analysis" / "templates").iterdir())
+    assert templates
+    for path in templates:
+        rel = path.relative_to(ROOT / "analysis").as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not package data"

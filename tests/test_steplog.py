@@ -44,3 +44,28 @@ def test_update_last_fills_eval_columns(tmp_path):
     log.flush()
     row = read_steps(tmp_path).iloc[0]
     assert row["fid"] == 12.5 and row["loss"] == 1.0
+
+
+def test_the_docstring_table_is_the_structured_schema():
+    """steplog's docstring table lists STEP_COLUMNS in order with the same
+    type, unit and meaning (continuation lines joined); SCHEMA is built from them."""
+    import re
+
+    from trainers.run import steplog
+
+    doc = steplog.__doc__
+    rules = [m.start() for m in re.finditer(r"^=+  =+  =+  =+$", doc, flags=re.M)]
+    body = doc[rules[1]:rules[2]].splitlines()[1:]
+    rows = []
+    for line in body:
+        if line[:17].strip():
+            name, type_, unit = line[:17].strip(), line[19:32].strip(), line[34:41].strip()
+            rows.append([name, type_, unit, line[43:].strip()])
+        else:
+            rows[-1][3] += " " + line.strip()
+    assert rows == [[c.name, c.type_name, c.unit, c.meaning] for c in steplog.STEP_COLUMNS]
+    assert SCHEMA.names == [c.name for c in steplog.STEP_COLUMNS]
+    assert [f.type for f in SCHEMA] == [c.type for c in steplog.STEP_COLUMNS]
+    # every unit is built from the symbols UNITS explains ("loss/θ²" = loss, θ)
+    tokens = {t.rstrip("²") for c in (*steplog.STEP_COLUMNS, *steplog.PARTITION_COLUMNS) for t in c.unit.split("/")}
+    assert tokens <= set(steplog.UNITS), tokens - set(steplog.UNITS)

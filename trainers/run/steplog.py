@@ -5,38 +5,49 @@ is written to a temporary file and renamed into place
 (:mod:`trainers.run.atomic`), so a reader never sees half a chunk.  Chunks are flushed together with checkpoints; on resume the log
 is cut back to the checkpoint's step, so no step is ever duplicated or lost.
 
-Schema version 1 (one row per optimizer step; null where not measured):
+Schema version 1 (one row per optimizer step; null where not measured).
+:data:`STEP_COLUMNS` below is its one definition (name, Arrow type, unit,
+meaning) and :data:`UNITS` says what the unit symbols mean (θ: the
+parameters' unit, η: the learning rate's, so that the threshold and the λ in
+``ratio`` are both in 1/η).  :data:`SCHEMA`, ``eos schema`` and the README's
+table are built from them; tests/test_steplog.py checks this table too.
 
-=================  ===========  ==================================================
-column             type         meaning
-=================  ===========  ==================================================
-step               int64        index of the optimizer step (0-based); the row
-                                describes the parameters *before* that update
-wall_time          float64      seconds of training so far (summed over resumes)
-loss               float64      training loss of the step's batch
-lr                 float64      learning rate used for the update
-grad_norm          float64      global gradient norm before clipping
-lambda_max         float64      λ₁(H) of the frozen-batch loss Hessian
-lambda_precond     float64      λ₁(P⁻¹H), P = diag(√v̂ + ε) (Adam/AdamW only)
-threshold          float64      the optimizer's stability threshold (2/η, ...)
-ratio              float64      (λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold
-eig_residual       float64      relative residual ‖Hv − λv‖/|λ| of the reported λ
-eig_iters          int64        solver iterations of the estimate
-eig_hvps           int64        Hessian-vector products the estimate cost (TF32 search products included)
-eig_converged      bool         the residual reached the tolerance
-topk               list<f64>    top-k eigenvalues (of the operator in ``ratio``)
-hessian_trace      float64      Hutchinson estimate of tr(H)
-batch_sharpness    float64      directional curvature gᵀHg/‖g‖² on the training batch
-variant_stats      string       JSON object of the variant's own scalars
-fid                float64      FID of EMA samples vs. real images (eval steps only)
-inception_score    float64      Inception score of the same samples
-kid                float64      kernel inception distance of the same samples
-=================  ===========  ==================================================
+=================  =============  =======  ====================================================
+column             type           unit     meaning
+=================  =============  =======  ====================================================
+step               int64          step     index of the optimizer step (0-based); the row
+                                           describes the parameters *before* that update
+wall_time          float64        s        seconds of training so far (summed over resumes)
+loss               float64        loss     training loss of the step's batch
+lr                 float64        η        learning rate used for the update
+grad_norm          float64        loss/θ   global gradient norm before clipping
+lambda_max         float64        loss/θ²  λ₁(H) of the frozen-batch loss Hessian
+lambda_precond     float64        1/θ      λ₁(P⁻¹H), P = diag(√v̂ + ε) (Adam/AdamW only)
+threshold          float64        1/η      the optimizer's stability threshold (2/η, ...)
+ratio              float64        1        (λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold
+eig_residual       float64        1        relative residual ‖Hv − λv‖/|λ| of the reported λ
+eig_iters          int64          count    solver iterations of the estimate
+eig_hvps           int64          count    Hessian-vector products the estimate cost (TF32
+                                           search products included)
+eig_converged      bool           —        the residual reached the tolerance
+topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
+hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
+batch_sharpness    float64        loss/θ²  directional curvature gᵀHg/‖g‖² on the training
+                                           batch
+variant_stats      string         JSON     JSON object of the variant's own scalars
+fid                float64        1        FID of EMA samples vs. real images (eval steps only)
+inception_score    float64        1        Inception score of the same samples
+kid                float64        1        kernel inception distance of the same samples
+=================  =============  =======  ====================================================
+
+A study's dataset (``<study>/steps/variant=<v>/trial=<id>/part-*.parquet``,
+:mod:`study.layout`) adds the hive partition columns :data:`PARTITION_COLUMNS`.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,31 +59,64 @@ from trainers.run.atomic import remove_stale_temporaries, write_atomic
 
 SCHEMA_VERSION = 1
 
-SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("wall_time", pa.float64()),
-        ("loss", pa.float64()),
-        ("lr", pa.float64()),
-        ("grad_norm", pa.float64()),
-        ("lambda_max", pa.float64()),
-        ("lambda_precond", pa.float64()),
-        ("threshold", pa.float64()),
-        ("ratio", pa.float64()),
-        ("eig_residual", pa.float64()),
-        ("eig_iters", pa.int64()),
-        ("eig_hvps", pa.int64()),
-        ("eig_converged", pa.bool_()),
-        ("topk", pa.list_(pa.float64())),
-        ("hessian_trace", pa.float64()),
-        ("batch_sharpness", pa.float64()),
-        ("variant_stats", pa.string()),
-        ("fid", pa.float64()),
-        ("inception_score", pa.float64()),
-        ("kid", pa.float64()),
-    ],
-    metadata={b"eos_schema_version": str(SCHEMA_VERSION).encode()},
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the step log: its name, Arrow type, unit and meaning."""
+    name: str
+    type: pa.DataType
+    unit: str
+    meaning: str
+
+    @property
+    def type_name(self) -> str:
+        """The type in pandas' words (``float64``; ``list<float64>`` for a list)."""
+        if pa.types.is_list(self.type):
+            return f"list<{_TYPE_NAMES[self.type.value_type]}>"
+        return _TYPE_NAMES[self.type]
+
+
+_F, _I = pa.float64(), pa.int64()
+_TYPE_NAMES = {_F: "float64", _I: "int64", pa.bool_(): "bool", pa.string(): "string"}
+STEP_COLUMNS: tuple[Column, ...] = (
+    Column("step", _I, "step", "index of the optimizer step (0-based); the row describes the parameters "
+                               "*before* that update"),
+    Column("wall_time", _F, "s", "seconds of training so far (summed over resumes)"),
+    Column("loss", _F, "loss", "training loss of the step's batch"),
+    Column("lr", _F, "η", "learning rate used for the update"),
+    Column("grad_norm", _F, "loss/θ", "global gradient norm before clipping"),
+    Column("lambda_max", _F, "loss/θ²", "λ₁(H) of the frozen-batch loss Hessian"),
+    Column("lambda_precond", _F, "1/θ", "λ₁(P⁻¹H), P = diag(√v̂ + ε) (Adam/AdamW only)"),
+    Column("threshold", _F, "1/η", "the optimizer's stability threshold (2/η, ...)"),
+    Column("ratio", _F, "1", "(λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold"),
+    Column("eig_residual", _F, "1", "relative residual ‖Hv − λv‖/|λ| of the reported λ"),
+    Column("eig_iters", _I, "count", "solver iterations of the estimate"),
+    Column("eig_hvps", _I, "count", "Hessian-vector products the estimate cost (TF32 search products included)"),
+    Column("eig_converged", pa.bool_(), "—", "the residual reached the tolerance"),
+    Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
+    Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
+    Column("batch_sharpness", _F, "loss/θ²", "directional curvature gᵀHg/‖g‖² on the training batch"),
+    Column("variant_stats", pa.string(), "JSON", "JSON object of the variant's own scalars"),
+    Column("fid", _F, "1", "FID of EMA samples vs. real images (eval steps only)"),
+    Column("inception_score", _F, "1", "Inception score of the same samples"),
+    Column("kid", _F, "1", "kernel inception distance of the same samples"),
 )
+# the symbols the units above are made of (eos schema prints them)
+UNITS = {
+    "step": "optimizer steps", "count": "a count", "s": "seconds", "1": "dimensionless",
+    "loss": "the variant's training loss", "θ": "the parameters' unit",
+    "η": "the learning rate's unit: θ²/loss for GD and momentum, θ for Adam (the threshold and the λ in ratio "
+         "are both in 1/η)",
+    "JSON": "a JSON object as text", "—": "none",
+}
+# the hive partitions of a study's dataset (folder names, not stored in the files)
+PARTITION_COLUMNS: tuple[Column, ...] = (
+    Column("variant", pa.string(), "—", "stabilization variant (partition folder variant=<v>)"),
+    Column("trial", pa.string(), "—", "trial id <variant>_lr<lr>_s<seed> (partition folder trial=<id>)"),
+)
+
+SCHEMA = pa.schema([(c.name, c.type) for c in STEP_COLUMNS],
+                   metadata={b"eos_schema_version": str(SCHEMA_VERSION).encode()})
 COLUMNS = SCHEMA.names
 
 
@@ -152,3 +196,11 @@ def read_steps(directory: str | os.PathLike):
         return pd.DataFrame({name: pd.Series(dtype=f.type.to_pandas_dtype()) for name, f in zip(SCHEMA.names, SCHEMA)})
     table = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
     return table.to_pandas().sort_values("step").reset_index(drop=True)
+
+
+def schema_rows(partitions: bool = True) -> list[dict]:
+    """The schema as records (``column``, ``type``, ``unit``, ``meaning``,
+    ``where``: ``file`` or ``partition``), for ``eos schema`` and documents."""
+    cols = [(c, "file") for c in STEP_COLUMNS] + ([(c, "partition") for c in PARTITION_COLUMNS] if partitions else [])
+    return [{"column": c.name, "type": c.type_name, "unit": c.unit, "meaning": c.meaning, "where": where}
+            for c, where in cols]
