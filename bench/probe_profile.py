@@ -1,92 +1,158 @@
-"""Where the time of a per-step probe goes, on a real (short) training run.
+"""Where the time of a per-step probe goes, along a short training run.
 
-Splits the wall time of ``SharpnessProbe.measure`` at every probed step into
+A :class:`~bench.common.Problem` (the project's Trainer, ``base`` variant,
+Adam) trains for ``--steps`` steps and the probe measures λ₁(P⁻¹H) and
+λ₁(H) before each update, as the training loop does.  The probe is a
+:class:`TimedProbe`: the :class:`~trainers.curvature.probe.SharpnessProbe`
+whose Hessian operator is wrapped by :class:`TimedHessian`, which splits the
+wall time of each ``measure`` into
 
 * **products**: Hessian-vector products (the second backward passes, TF32 or
   float32), timed around each operator call;
 * **graph**: building the gradient graph the products reuse (one forward and
-  one backward with ``create_graph``), once per operator;
+  one backward with ``create_graph``), once per probe;
 * **rest**: everything else in the probe — LOBPCG's small dense algebra,
   orthogonalisation, host synchronisations, the preconditioner, copies.
 
 Each timer synchronises the device, so the parts add up to the probe's wall
 time.  Also prints the training step's own time, one product timed alone in
-a loop (gradient graph reused; with and without CUDA graphs), and a torch.profiler table of one probed step (top
-operators by self CPU time, and how often the host waited for the device).
+a loop (gradient graph reused; with and without CUDA graphs), and a
+torch.profiler table of one probed step (top operators by self CPU time, and
+how often the host waited for the device).
 
-    python bench/probe_profile.py --preset small --batch 64 --device cuda --steps 12
+    python -m bench.probe_profile --preset small --batch 64 --device cuda --steps 12
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainers.curvature import probe as sharpness_mod  # noqa: E402
-from trainers.curvature.hessian import EAGER_BEFORE_CAPTURE, HessianOperator, trainable_parameters  # noqa: E402
-from trainers.curvature.probe import SharpnessProbe  # noqa: E402
-from trainers.config import run_config  # noqa: E402
-from trainers.run.loop import Trainer, train  # noqa: E402
+from bench.common import Problem, bench_config, device_name, seconds, sync
+from trainers.curvature.hessian import EAGER_BEFORE_CAPTURE, CurvatureOperator, DoubleBackwardHessian, HessianOperator
+from trainers.curvature.probe import SharpnessProbe
 
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
+PARTS = ("products", "graph")
 
 
-class Timers:
-    """Wall-clock seconds per category, synchronising ``device`` around each."""
+class PartTimer:
+    """Wall-clock seconds per part, the device synchronised around each."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.seconds = defaultdict(float)
-        self.calls = defaultdict(int)
+        self.seconds: dict[str, float] = defaultdict(float)
         self.columns = 0
 
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    @contextmanager
+    def part(self, name: str):
+        sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.seconds[name] += time.perf_counter() - t0
 
-    def wrap(self, name, fn, count_columns=False):
-        timers = self
-
-        def timed(*args, **kwargs):
-            timers.sync()
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            timers.sync()
-            timers.seconds[name] += time.perf_counter() - t0
-            timers.calls[name] += 1
-            if count_columns:
-                V = args[1]
-                timers.columns += 1 if V.dim() == 1 else V.shape[1]
-            return out
-        return timed
-
-    def reset(self):
+    def reset(self) -> None:
         self.seconds.clear()
-        self.calls.clear()
         self.columns = 0
 
 
-def main(argv=None):
-    originals = [(HessianOperator, "__call__"), (HessianOperator, "_build_graph"), (SharpnessProbe, "measure"),
-                 (Trainer, "measure_sharpness")]
-    saved = [(cls, name, cls.__dict__[name]) for cls, name in originals]
-    try:
-        profile_probe(argv)
-    finally:   # the timers wrap class attributes: put the originals back
-        for cls, name, fn in saved:
-            setattr(cls, name, fn)
+class TimedHessian(CurvatureOperator):
+    """``H`` with its gradient-graph build and its products timed apart."""
+
+    def __init__(self, H: HessianOperator, timer: PartTimer):
+        super().__init__(H.n, H.dtype, H.device)
+        self.H, self.timer = H, timer
+        self._prepared = False
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if not self._prepared:
+            with self.timer.part("graph"):
+                self.H.prepare()
+            self._prepared = True
+        with self.timer.part("products"):
+            out = self.H(V)
+        self.timer.columns += V.shape[1]
+        return out
+
+    def at(self, precision: str) -> "TimedHessian":
+        view = TimedHessian(self.H.at(precision), self.timer)
+        view._prepared = self._prepared
+        return view
+
+    def close(self) -> None:
+        self.H.close()
 
 
-def profile_probe(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class TimedProbe(SharpnessProbe):
+    """The probe, its Hessian operator timed by ``timer``."""
+
+    def __init__(self, *args, timer: PartTimer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timer = timer
+
+    def hessian(self, loss_fn, params, model) -> TimedHessian:
+        return TimedHessian(super().hessian(loss_fn, params, model), self.timer)
+
+
+@dataclass
+class StepTimes:
+    probe: float
+    products: float
+    graph: float
+    columns: int
+    train: float
+    eig_hvps: int
+
+
+@dataclass
+class Profile:
+    steps: list[StepTimes] = field(default_factory=list)
+    single_product_ms: dict = field(default_factory=dict)   # (precision label, CUDA graphs on) -> ms
+
+
+def profile_steps(pb: Problem, probe: TimedProbe, steps: int) -> list[StepTimes]:
+    out = []
+    for _ in range(steps):
+        probe.timer.reset()
+        t_probe, cols = seconds(lambda: probe.measure(pb.model, pb.loss, pb.optimizer, pb.lr), pb.device)
+        parts = dict(probe.timer.seconds)
+        columns = probe.timer.columns
+        t_train, _ = seconds(pb.train_step, pb.device)
+        out.append(StepTimes(t_probe, parts.get("products", 0.0), parts.get("graph", 0.0), columns, t_train,
+                             cols["eig_hvps"]))
+    return out
+
+
+def single_products(pb: Problem, cuda_graphs: bool, timer: PartTimer) -> dict:
+    """ms of one product alone, gradient graph reused, per precision and with
+    CUDA graphs off and (where asked for) on."""
+    out = {}
+    V = torch.randn(pb.n, 1, device=pb.device)
+    for precision in ("float32", "tf32"):
+        for graphs in sorted({False, cuda_graphs}):
+            with DoubleBackwardHessian(pb.loss, pb.params, model=pb.model, precision=precision,
+                                       cuda_graphs=graphs) as H:
+                for _ in range(EAGER_BEFORE_CAPTURE + 1):   # with CUDA graphs: eager products, then the capture
+                    H(V)
+                timer.reset()
+                with timer.part("products"):
+                    for _ in range(10):
+                        H(V)
+                out[precision, H.graphed] = timer.seconds["products"] / 10 * 1e3
+    return out
+
+
+def main(argv=None) -> Profile:
+    ap = argparse.ArgumentParser(prog="python -m bench.probe_profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=16, help="training and Hessian batch")
     ap.add_argument("--image-size", type=int, default=32)
@@ -98,108 +164,57 @@ def profile_probe(argv=None):
                     help="extra config override, e.g. --set sharpness.search_precision=float32")
     ap.add_argument("--rows", type=int, default=20, help="rows of the profiler table (0: no profile)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
 
-    from trainers.run.cli import parse_override
-    from trainers.config import merge
-    cfg = {"model": {"preset": args.preset}, "variant": {"name": "base"},
-           "data": {"name": "synthetic", "image_size": args.image_size, "batch_size": args.batch},
-           "optim": {"name": "adam", "lr": args.lr},
-           "sharpness": {"every": 1, "hessian_batch": args.batch},
-           "train": {"steps": args.steps, "device": args.device, "print_every": 0, "checkpoint_every": 10**9}}
-    for text in args.set:
-        cfg = merge(cfg, parse_override(text))
-    cfg = run_config(cfg)
-
-    timers = Timers(device)
-    HessianOperator.__call__ = timers.wrap("products", HessianOperator.__call__, count_columns=True)
-    HessianOperator._build_graph = timers.wrap("graph", HessianOperator._build_graph)
-    SharpnessProbe.measure = timers.wrap("probe", SharpnessProbe.measure)
-
-    captured = []   # the run's Trainer, for the single-product timing and the profiled probe
-    measure_sharpness = Trainer.measure_sharpness
-
-    def capture(self, *a, **kw):
-        if not captured:
-            captured.append(self)
-        return measure_sharpness(self, *a, **kw)
-    Trainer.measure_sharpness = capture
-
-    rows, per_step = [], []
-
-    def on_step(row):
-        per_step.append(({k: timers.seconds[k] for k in ("probe", "products", "graph")}, timers.columns,
-                         row["wall_time"]))
-        rows.append(row)
-        timers.reset()
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        train(cfg, run_dir, resume=False, on_step=on_step, progress=False)
-    wall = [w for _, _, w in per_step]
-    step_wall = [b - a for a, b in zip([0.0] + wall[:-1], wall)]
-    kept = range(min(args.skip, len(per_step) - 1), len(per_step))
+    cfg = bench_config(preset=args.preset, image_size=args.image_size, batch=args.batch, device=args.device,
+                       lr=args.lr, overrides=args.set)
+    pb = Problem(cfg)
+    timer = PartTimer(pb.device)
+    probe = TimedProbe(cfg.sharpness, cfg.optim, timer=timer)
+    profile = Profile(profile_steps(pb, probe, args.steps))
+    kept = profile.steps[min(args.skip, len(profile.steps) - 1):]
 
     def mean(xs):
         return statistics.fmean(xs) if xs else float("nan")
 
-    probe = mean([per_step[i][0]["probe"] for i in kept])
-    prods = mean([per_step[i][0]["products"] for i in kept])
-    graph = mean([per_step[i][0]["graph"] for i in kept])
-    cols = mean([per_step[i][1] for i in kept])
-    train_only = mean([step_wall[i] - per_step[i][0]["probe"] for i in kept])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    probe_s = mean([s.probe for s in kept])
+    prods = mean([s.products for s in kept])
+    graph = mean([s.graph for s in kept])
+    cols = mean([s.columns for s in kept])
     print(f"# probe profile: preset {args.preset}, batch {args.batch}, {args.image_size}x{args.image_size}, "
-          f"{name}, torch {torch.__version__}")
+          f"{device_name(pb.device)}, torch {torch.__version__}")
     print(f"# config overrides: {args.set or 'none'}; steps {args.skip}..{args.steps - 1} averaged")
     print()
     print("| part | seconds per probed step | share of the probe |")
     print("|---|---|---|")
-    for label, t in (("products", prods), ("gradient graph builds", graph), ("rest (solver, syncs, copies)",
-                                                                            probe - prods - graph)):
-        print(f"| {label} | {t:.3f} | {t / probe:.0%} |")
-    print(f"| **probe total** | **{probe:.3f}** | 100% |")
-    print(f"| training step (without the probe) | {train_only:.4f} | — |")
+    for label, t in (("products", prods), ("gradient graph builds", graph),
+                     ("rest (solver, syncs, copies)", probe_s - prods - graph)):
+        print(f"| {label} | {t:.3f} | {t / probe_s:.0%} |")
+    print(f"| **probe total** | **{probe_s:.3f}** | 100% |")
+    print(f"| training step (without the probe) | {mean([s.train for s in kept]):.4f} | — |")
     print()
     print(f"products per probed step: {cols:.1f} → {prods / max(cols, 1e-9) * 1e3:.1f} ms per product in the solver; "
-          f"λ₁(P⁻¹H) HVPs logged: {mean([rows[i]['eig_hvps'] for i in kept]):.1f}")
+          f"λ₁(P⁻¹H) HVPs logged: {mean([s.eig_hvps for s in kept]):.1f}")
 
-    # one product alone, graph reused, TF32 off and on (the trained model, its Hessian batch)
-    trainer = captured[-1]
-    model, params = trainer.model, trainable_parameters(trainer.model)
-    fused = trainer._fused()
-    model.eval()
-    model.set_fused_attention(False)
-    loss = trainer.frozen_loss(trainer.frozen_hessian_draw(trainer.step))
-    V = torch.randn(sum(p.numel() for p in params), 1, device=device)
-    for label, ctx in (("float32", sharpness_mod.exact_float32), ("TF32", sharpness_mod.tf32)):
-        for graphs in (False, True):
-            with ctx():
-                H = HessianOperator(loss, params, model=model, cuda_graphs=graphs)
-                for _ in range(EAGER_BEFORE_CAPTURE + 1):   # with CUDA graphs: eager products, then the capture
-                    H(V)
-                timers.reset()
-                for _ in range(10):
-                    H(V)
-                H.close()
-            print(f"one product alone ({label}, gradient graph reused, CUDA graphs {'on' if H.graphed else 'off'}): "
-                  f"{timers.seconds['products'] / 10 * 1e3:.1f} ms")
-    model.train()
-    model.set_fused_attention(fused)
+    # one product alone, graph reused, float32 and TF32 (the trained model, its Hessian batch)
+    profile.single_product_ms = single_products(pb, cfg.sharpness.cuda_graphs, timer)
+    for (precision, graphed), ms in profile.single_product_ms.items():
+        label = "float32" if precision == "float32" else "TF32"
+        print(f"one product alone ({label}, gradient graph reused, CUDA graphs {'on' if graphed else 'off'}): "
+              f"{ms:.1f} ms")
 
-    if args.rows <= 0:
-        return
-    # torch.profiler over one warm probe of the trained run
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    draw = trainer.draws(trainer.step)[0]
-    with profile(activities=acts) as prof:
-        trainer.measure_sharpness(trainer.step, args.lr, draw)
-    events = prof.key_averages()
-    waits = {e.key: e.count for e in events if e.key in SYNC_OPS}
-    print(f"\nhost waits in one warm probe: {waits or 'none recorded'}")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    if device.type == "cuda":
-        print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows))
+    if args.rows > 0:
+        # torch.profiler over one warm probe of the trained run
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pb.device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            probe.measure(pb.model, pb.loss, pb.optimizer, pb.lr)
+        events = prof.key_averages()
+        waits = {e.key: e.count for e in events if e.key in SYNC_OPS}
+        print(f"\nhost waits in one warm probe: {waits or 'none recorded'}")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if pb.device.type == "cuda":
+            print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows))
+    return profile
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training-step speed of a U-Net preset in several precisions/layouts, in one run.
 
-    python bench/train_speed.py --preset ddpm-cifar10 --batch 128 [--compile] [--json out.json]
+    python -m bench.train_speed --preset ddpm-cifar10 --batch 128 [--compile] [--json out.json]
 
 Each configuration runs the same Adam step of the baseline ε-prediction loss
 (forward, backward, optimizer step) on a fixed random CIFAR-sized batch; the
@@ -53,7 +53,8 @@ def make_step(model, variant, draw, opt, bf16: bool, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--image-size", type=int, default=32)

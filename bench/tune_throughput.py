@@ -1,6 +1,6 @@
 """Aggregate trial-steps per second of a Ray Tune sweep with 1, 2 and 4 trials per GPU.
 
-    python bench/tune_throughput.py [--preset small] [--steps 60] [--per-gpu 1 2 4] [--every 1] [--mps] [--json out.json]
+    python -m bench.tune_throughput [--preset small] [--steps 60] [--per-gpu 1 2 4] [--every 1] [--mps] [--json out.json]
 
 For each packing k, the `paper` preset (Adam, λ₁(P⁻¹H) every ``--every`` steps) is run as a
 study of exactly k trials (k variants at one learning rate) with
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-VARIANTS = ["base", "edm", "vparam", "snr", "pd", "adap_s", "stf"]
+from trainers.diffusion.variants import VARIANTS
 
 
 @contextlib.contextmanager
@@ -81,7 +81,8 @@ def gpu_name() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.tune_throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="U-Net preset of the trials")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=128)
@@ -114,7 +115,7 @@ def sweep(args) -> int:
         data = ({"name": "npz", "path": args.data, "subset": None} if args.data
                 else {"name": "synthetic", "synthetic_size": 1024, "subset": None})
         overrides = {
-            "study": {"name": name, "variants": VARIANTS[:k], "storage": args.storage, "seeds": [0]},
+            "study": {"name": name, "variants": list(VARIANTS)[:k], "storage": args.storage, "seeds": [0]},
             "search": {"algorithm": "grid", "lr": {"grid": [5e-4]}},
             "resources": {"gpu": (1.0 / k) if gpus else 0, "cpu": 1, "max_concurrent": k},
             "model": {"preset": args.preset},

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from curvature_fixtures import dense_hessian, unet_blocks_problem
 from trainers.curvature.conv_double_backward import conv2d, fast_double_backward
-from trainers.curvature.hessian import HessianOperator, trainable_parameters
+from trainers.curvature.hessian import DoubleBackwardHessian, trainable_parameters
 
 CASES = [  # (in_ch, out_ch, kernel, stride, padding, dilation, groups, bias)
     (2, 3, 3, 1, 1, 1, 1, True),
@@ -54,7 +54,7 @@ def test_operator_products_match_dense_hessian_with_and_without_fast_convs(fast_
     model, loss = unet_blocks_problem()
     H = dense_hessian(model, loss)
     V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    with HessianOperator(loss, trainable_parameters(model), model=model, fast_conv=fast_conv) as op:
+    with DoubleBackwardHessian(loss, trainable_parameters(model), model=model, fast_conv=fast_conv) as op:
         HV = op(V)
         grad = torch.cat([gi.reshape(-1) for gi in op.gradient()])
     torch.testing.assert_close(HV, H @ V, rtol=1e-9, atol=1e-12)

@@ -162,8 +162,10 @@ class VariantConfig:
                f"must be >= 0; got {self.input_perturbation}")
 
 
-#: Hessian-vector product implementations (see trainers/curvature/hessian.py)
+#: Hessian-vector product methods, the names of trainers.curvature.hessian.PRODUCTS
 HVP_METHODS = ("double_backward", "double_backward_batched", "forward_over_reverse", "forward_over_reverse_vmap")
+#: arithmetic of float32 Hessian-vector products: "float32" (TF32 off) or "tf32" (trainers.curvature.hessian)
+PRECISIONS = ("float32", "tf32")
 
 
 @dataclass
@@ -189,7 +191,7 @@ class SharpnessConfig:
     trace_samples: int = 0       # Hutchinson probes (0: off)
     batch_sharpness: bool = False
     refresh_batch: bool = False  # draw a new Hessian batch at every probe instead of a fixed one
-    hvp: str = "double_backward"  # Hessian-vector product method (trainers.curvature.hessian.METHODS)
+    hvp: str = "double_backward"  # Hessian-vector product method (HVP_METHODS)
     # "tf32": on GPUs with TF32 (compute capability >= 8) LOBPCG searches with TF32 products and checks the
     # answer with float32 ones (reported λ and residual are float32 values); "float32": every product float32
     search_precision: str = "tf32"
@@ -209,7 +211,7 @@ class SharpnessConfig:
         _choice(self.precondition, ("auto", "none"), "sharpness.precondition")
         _check(self.trace_samples >= 0, "sharpness.trace_samples", f"must be >= 0; got {self.trace_samples}")
         _choice(self.hvp, HVP_METHODS, "sharpness.hvp")
-        _choice(self.search_precision, ("tf32", "float32"), "sharpness.search_precision")
+        _choice(self.search_precision, PRECISIONS, "sharpness.search_precision")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

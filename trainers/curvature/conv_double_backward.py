@@ -4,11 +4,10 @@ A Hessian-vector product by double backward differentiates the backward
 pass of every convolution.  PyTorch's formula for that
 (``_convolution_double_backward``) computes one of its terms, the weight
 gradient of the backward's input gradient, as a convolution of the batch-
-and channel-transposed activations with a kernel as large as the feature map
-(32×32 here).  cuDNN runs that shape on a slow generic kernel
-(``implicit_convolve_sgemm``): on an H100 with the 35.7M-parameter DDPM
-U-Net at batch 128 it took 191 of the 583 ms of one product
-(``bench/hvp_profile.py``, 2026-11-24).
+and channel-transposed activations with a kernel as large as the feature
+map.  cuDNN runs that shape on a slow generic kernel
+(``implicit_convolve_sgemm``; ``bench/hvp_profile.py`` shows where the time
+of a product goes, ``bench/RESULTS.md`` what it measured).
 
 Here the two outputs of the backward of a convolution y = conv(x, w) are
 computed by a small autograd function (:class:`_ConvBackward`) whose own
@@ -23,7 +22,8 @@ Hessian-vector products do not change, only the kernels that compute them.
 Third derivatives are not supported (``once_differentiable``).
 
 :func:`fast_double_backward` switches every ``nn.Conv2d`` of a model over
-for the duration of a ``with`` block; the Hessian operator uses it while it
+for the duration of a ``with`` block;
+:class:`trainers.curvature.hessian.DoubleBackwardHessian` uses it while it
 builds the gradient graph.
 """
 from __future__ import annotations

@@ -1,77 +1,87 @@
-"""Hessian-vector products of a scalar loss with respect to a list of parameters.
+"""Hessian-vector products of a scalar loss, as linear operators on flat vectors.
 
-Everything works on *flat* vectors: a parameter list ``[p₁, …, p_m]`` is
-identified with one vector of length n = Σ numel(pᵢ) (:func:`flatten`,
-:func:`unflatten`), and a block of k vectors is an (n, k) matrix.
+A parameter list ``[p₁, …, p_m]`` is identified with one vector of length
+n = Σ numel(pᵢ) (:func:`flatten`, :func:`unflatten`), and a block of k
+vectors is an (n, k) matrix.
 
-Two ways to multiply by the Hessian H = ∇²L(θ):
+The operators follow curvlinops' design: a base class,
+:class:`CurvatureOperator`, validates the input (a vector (n,) or a block
+(n, k)), counts products and composes with ``@``; a subclass only supplies
+the block product ``_matmat(V)``.
 
-* **double backward** (reverse-over-reverse, Pearlmutter 1994): build the
-  gradient g(θ) with ``create_graph=True``, then Hv = ∇(gᵀv).  The graph of g
-  does not depend on v, so :class:`HessianOperator` builds it *once* and runs
-  only the second backward pass for every vector (``retain_graph=True``).
-* **forward over reverse**: ``torch.func.jvp(torch.func.grad(f), θ, v)``,
-  one forward-mode pass through the gradient computation per vector, or one
-  ``vmap``-batched pass for a block of vectors.
+* :class:`Diagonal` multiplies by a diagonal matrix, so the preconditioned
+  Hessian D H D (the probe's P^{-1/2} H P^{-1/2}) is
+  ``Diagonal(d) @ H @ Diagonal(d)``, a :class:`Composition`.
+* :class:`HessianOperator` is the Hessian H = ∇²L(θ) of a zero-argument
+  closure ``loss_fn() -> scalar`` with respect to ``params``, computed from
+  the model's *current* parameters.  One subclass per product method, by
+  their ``sharpness.hvp`` names (:data:`PRODUCTS`, :func:`hessian_operator`):
 
-Which one is faster depends on the device (``bench/RESULTS.md``).  On an H100
-with the 35.7M-parameter DDPM U-Net (batch 128, float32, TF32 off) one
-product cost 3.4 gradients by double backward with the graph reused, 4.4
-from scratch, 3.6 by forward over reverse and 2.9 per vector for a vmapped
-block of two.  A third of the double-backward time was one slow cuDNN kernel
-that PyTorch's double backward of a convolution picks; given the ``model``,
-the operator builds its gradient graph with convolutions whose second
-derivatives use the ordinary fast kernels
-(:mod:`trainers.curvature.conv_double_backward`, ``fast_conv=True``), which brings a
-graph-reusing product to 2.3 gradients.
-``double_backward_batched`` (``is_grads_batched``) fails on CUDA inside
-GroupNorm's double backward (a vmap shape error), and with torch 2.11 also
-inside a convolution's on the CPU (torch 2.14 is correct there); where it
-fails, the operator warns once and computes the block column by column.
-``double_backward`` is the default: exact, supported by every op with a
-double-backward formula, and its graph serves all products of a probe.
+  - ``double_backward`` (:class:`DoubleBackwardHessian`): reverse over
+    reverse (Pearlmutter 1994).  The gradient g(θ) is built once with
+    ``create_graph=True``; each product is one second backward pass,
+    Hv = ∇(gᵀv), reusing that graph (``retain_graph=True``).  Given the
+    ``model``, the graph is built with convolutions whose second derivatives
+    run on the ordinary convolution kernels
+    (:mod:`trainers.curvature.conv_double_backward`).  Optionally the second
+    backward pass is replayed as a CUDA graph (below).
+  - ``double_backward_batched`` (:class:`BatchedDoubleBackwardHessian`): one
+    vmapped second backward pass per block (``is_grads_batched``), with
+    PyTorch's own convolution double backward, whose batching rules vmap
+    relies on.  Where PyTorch has no batching rule for an operation's double
+    backward, the product raises an error that names the default method.
+  - ``forward_over_reverse`` (:class:`ForwardOverReverseHessian`):
+    ``torch.func.jvp(torch.func.grad(L), θ, v)``, one forward-mode pass
+    through the gradient computation per vector; the parameters are swapped
+    for functional ones by ``torch.func.functional_call`` on a wrapper of the
+    ``model``, so the same closure serves.
+  - ``forward_over_reverse_vmap`` (:class:`VmapForwardOverReverseHessian`):
+    the same, ``vmap``-batched over a block.
 
-On a small model the product is not arithmetic but kernel launches: the
-second backward pass of the 6.5M-parameter ``small`` U-Net at batch 64
-launches ~5,000 kernels, and on an H200 one product took 110–160 ms of wall
-time for ~40 ms of GPU work; replayed as a CUDA graph, 44 ms (TF32), and the
-whole per-step probe ran 1.78× faster (``bench/probe_profile.py``,
-``bench/RESULTS.md``).  With ``cuda_graphs=True`` (CUDA
-only) the operator records the second backward pass of one vector as a CUDA
-graph once a few products have run eagerly (per TF32 setting: the search and
-the check run different kernels) and replays it for every further vector:
-one launch instead of thousands.  The graph reads the vector from, and writes
-the product to, fixed buffers, and reads the gradient graph's saved tensors,
-which do not move while the operator lives; the gradient graph is taken
-with respect to fresh leaves that share the parameters' storage (the
-parameters' own autograd nodes may still hang on the training step's graph,
-on another stream).  A capture that fails raises an error that names the
-switch (``sharpness.cuda_graphs``): a failed capture leaves CUDA's state
-unusable, so there is no quiet fallback.
+**Precision.**  A Hessian operator computes its products at an explicit
+``precision``: ``"float32"`` (TF32 off for matmuls and cuDNN convolutions)
+or ``"tf32"`` (on, where the GPU has it), with autocast off, set for the
+duration of each product and restored after it.  ``H.at("tf32")`` is the
+same operator at another precision: it shares everything the products
+reuse (the gradient graph, the CUDA graphs).  The double-backward gradient
+graph itself — the forward pass and the first backward — is always
+computed at float32 precision; forward over reverse evaluates the loss
+inside each product, at the product's precision.
 
-The loss is a zero-argument closure (``loss_fn() -> scalar``) computed from
-the model's *current* parameters, so the same closure serves every method:
-forward over reverse swaps the parameters for functional ones through
-``torch.func.functional_call`` on a small wrapper module.
+**CUDA graphs** (``DoubleBackwardHessian(..., cuda_graphs=True)``, CUDA and
+a ``model`` only).  On a small model a product is dominated by kernel
+launches (thousands per second backward pass).  The operator records the
+second backward pass of one vector as a CUDA graph, once per precision after
+:data:`EAGER_BEFORE_CAPTURE` eager products of that precision (which choose
+the kernels the capture records), and replays it for every further vector:
+one launch instead of thousands.  The graph reads the vector from, and
+writes the product to, fixed buffers, and reads the gradient graph's saved
+tensors, which do not move while the operator lives.  The gradient graph is
+taken with respect to fresh leaves that share the parameters' storage (the
+parameters' own autograd nodes may still belong to the training step's
+graph, on another stream, and a capture that meets them fails), and it is
+built on the stream the captures run on.  A capture that fails raises an
+error that names the switch (``sharpness.cuda_graphs``): a failed capture
+leaves CUDA's state unusable, so there is no quiet fallback.
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
-from typing import Callable, Optional, Sequence
+import copy
+from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from trainers.config import HVP_METHODS as METHODS  # one list, validated by SharpnessConfig.hvp
+from trainers.config import HVP_METHODS, PRECISIONS, ConfigError
 from trainers.curvature.conv_double_backward import fast_double_backward
 
 LossFn = Callable[[], torch.Tensor]
 
-#: products of one TF32 setting computed eagerly before it is captured: they
-#: choose the kernels the capture records, and a capture costs about one eager
-#: product, so a setting the solver uses once or twice per probe (the float32
-#: check of a TF32 search) is never captured
+#: products of one precision computed eagerly before that precision is
+#: captured as a CUDA graph: they choose the kernels the capture records, and
+#: a capture costs about one eager product, so a precision the solver uses
+#: once or twice per probe (the float32 check of a TF32 search) is never captured
 EAGER_BEFORE_CAPTURE = 2
 
 
@@ -117,6 +127,518 @@ def _zeros_for_none(grads, params) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------
+# precision
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def arithmetic(precision: str, device: torch.device) -> Iterator[None]:
+    """float32 matmuls and cuDNN convolutions at ``precision`` (``"float32"``:
+    TF32 off; ``"tf32"``: on) with autocast off, for the block; the global
+    settings are restored on exit."""
+    _check_precision(precision)
+    matmul = torch.get_float32_matmul_precision()
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest" if precision == "float32" else "high")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(torch.device(device).type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+# ---------------------------------------------------------------------------
+# the interface
+
+
+class CurvatureOperator:
+    """A symmetric linear operator on flat vectors of length ``n``.
+
+    ``A(V)`` (or ``A @ V``) for V of shape (n,) or (n, k), converted to the
+    operator's dtype and device; ``A @ B`` for another operator is their
+    :class:`Composition`.  ``products`` counts vector products (a block of k
+    counts k).  Subclasses implement :meth:`_matmat` for a block (n, k),
+    k ≥ 1.  ``close()`` (or the end of a ``with`` block) frees what the
+    operator holds.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device):
+        self.n = n
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.products = 0
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _context(self):
+        """The context every product runs in."""
+        return contextlib.nullcontext()
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        single = V.dim() == 1
+        if single:
+            V = V[:, None]
+        if V.dim() != 2 or V.shape[0] != self.n:
+            raise ValueError(f"expected a vector ({self.n},) or a block ({self.n}, k); got {tuple(V.shape)}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        if V.shape[1] == 0:
+            return V.clone()
+        with self._context():
+            out = self._matmat(V)
+        self.products += V.shape[1]
+        return out[:, 0] if single else out
+
+    def __matmul__(self, other):
+        if isinstance(other, CurvatureOperator):
+            return Composition(self, other)
+        return self(other)
+
+    def at(self, precision: str) -> "CurvatureOperator":
+        """This operator with its products at ``precision``; an operator
+        without float32 matmuls or convolutions is its own."""
+        _check_precision(precision)
+        return self
+
+    def close(self) -> None:
+        """Free what the operator holds (nothing here)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Diagonal(CurvatureOperator):
+    """Multiplication by diag(d), d a flat vector (n,)."""
+
+    def __init__(self, d: torch.Tensor):
+        if d.dim() != 1:
+            raise ValueError(f"Diagonal: expected a flat vector (n,); got shape {tuple(d.shape)}")
+        super().__init__(d.shape[0], d.dtype, d.device)
+        self.d = d
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.d[:, None] * V
+
+
+class Composition(CurvatureOperator):
+    """The product A₁ A₂ ⋯ A_m of operators (applied right to left); closing
+    it closes the factors."""
+
+    def __init__(self, *factors: CurvatureOperator):
+        flat: list[CurvatureOperator] = []
+        for f in factors:
+            flat.extend(f.factors if isinstance(f, Composition) else (f,))
+        if not flat:
+            raise ValueError("Composition: no factors")
+        sizes = {f.n for f in flat}
+        if len(sizes) != 1:
+            raise ValueError(f"Composition: factors act on vectors of different lengths {sorted(sizes)}")
+        super().__init__(flat[0].n, flat[0].dtype, flat[0].device)
+        self.factors = tuple(flat)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        for f in reversed(self.factors):
+            V = f(V)
+        return V
+
+    def at(self, precision: str) -> "Composition":
+        return Composition(*(f.at(precision) for f in self.factors))
+
+    def close(self) -> None:
+        for f in self.factors:
+            f.close()
+
+
+# ---------------------------------------------------------------------------
+# Hessians
+
+
+class _Functional:
+    """``loss_fn`` as a function of tensors standing in for ``params``
+    (``torch.func.functional_call`` on a wrapper of the model)."""
+
+    class _LossModule(nn.Module):
+        def __init__(self, model: nn.Module, loss_fn: LossFn):
+            super().__init__()
+            self.model = model
+            self._loss_fn = loss_fn
+
+        def forward(self) -> torch.Tensor:
+            return self._loss_fn()
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, params: Sequence[torch.Tensor]):
+        ids = {id(p): i for i, p in enumerate(params)}
+        names: list[Optional[str]] = [None] * len(params)
+        for name, p in model.named_parameters():
+            if id(p) in ids:
+                names[ids[id(p)]] = "model." + name
+        missing = sum(nm is None for nm in names)
+        if missing:
+            raise ValueError(f"params: {missing} parameters are not parameters of the model")
+        self.names = names
+        self.wrapper = self._LossModule(model, loss_fn)
+
+    def loss(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        from torch.func import functional_call
+        return functional_call(self.wrapper, dict(zip(self.names, tensors)), ())
+
+    def grad(self):
+        """θ ↦ ∇L(θ) as a tuple (``torch.func.grad``)."""
+        from torch.func import grad
+        return grad(lambda *ps: self.loss(ps), argnums=tuple(range(len(self.names))))
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian of ``loss_fn`` with respect to ``params`` (see the module
+    docstring); subclasses are the product methods.
+
+    ``model``: the module the parameters belong to (the forward-over-reverse
+    methods and CUDA graphs need it; double backward uses it for its
+    convolutions).  ``precision``: ``"float32"`` or ``"tf32"`` products;
+    :meth:`at` gives the same operator at another precision.  The parameters
+    must not change while the operator lives.
+    """
+
+    #: the ``sharpness.hvp`` name of the method
+    method: ClassVar[str]
+    #: whether the method can replay its products as CUDA graphs
+    CUDA_GRAPHS: ClassVar[bool] = False
+
+    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, model: Optional[nn.Module] = None,
+                 precision: str = "float32"):
+        params = list(params)
+        if not params:
+            raise ValueError("params: no parameters to differentiate")
+        super().__init__(num_elements(params), params[0].dtype, params[0].device)
+        self.loss_fn = loss_fn
+        self.params = params
+        self.model = model
+        self.precision = _check_precision(precision)
+
+    def _context(self):
+        return arithmetic(self.precision, self.device)
+
+    def at(self, precision: str) -> "HessianOperator":
+        """This operator with its products at ``precision``: a view that
+        shares the gradient graph and the CUDA graphs (closing either closes
+        both) and counts its own products."""
+        if _check_precision(precision) == self.precision:
+            return self
+        view = copy.copy(self)
+        view.precision = precision
+        view.products = 0
+        return view
+
+    def prepare(self) -> None:
+        """Build what the products reuse (products do it on first use)."""
+
+    def gradient(self) -> list[torch.Tensor]:
+        """∇L at the operator's point (detached, float32 arithmetic)."""
+        with arithmetic("float32", self.device):
+            return [g.detach() for g in gradient(self.loss_fn, self.params)]
+
+    def loss(self) -> torch.Tensor:
+        """The (detached) loss value at which the operator is taken."""
+        with torch.no_grad(), arithmetic("float32", self.device):
+            return self.loss_fn().detach()
+
+
+class _GradientGraph:
+    """∇L(θ) with its autograd graph (``create_graph``), built once and shared
+    by an operator and its precision views; the second backward passes."""
+
+    def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], *, fast_conv_model: Optional[nn.Module] = None,
+                 functional: Optional[_Functional] = None, own_stream: bool = False):
+        self.loss_fn = loss_fn
+        self.params = params
+        self.device = params[0].device
+        self.fast_conv_model = fast_conv_model
+        self.functional = functional   # fresh leaves through functional_call (CUDA graphs)
+        self.own_stream = own_stream
+        self.stream: Optional[torch.cuda.Stream] = None   # where the graph is built and the captures run
+        self.grads: Optional[list[torch.Tensor]] = None
+        self.loss: Optional[torch.Tensor] = None
+        self.live: list[int] = []
+        self.wrt: list[torch.Tensor] = params   # the leaves the graph is differentiated with respect to
+
+    def build(self) -> None:
+        if self.grads is not None:
+            return
+        convs = (fast_double_backward(self.fast_conv_model) if self.fast_conv_model is not None
+                 else contextlib.nullcontext())
+        stream = contextlib.nullcontext()
+        if self.own_stream:
+            # the second backward runs each op on the stream of the op it
+            # differentiates, so the graph is built on the capture stream
+            self.stream = torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream = torch.cuda.stream(self.stream)
+        with arithmetic("float32", self.device), convs, stream:
+            if self.functional is not None:
+                # fresh leaves sharing the parameters' storage (see the module docstring)
+                self.wrt = [p.detach().requires_grad_(True) for p in self.params]
+                loss = self.functional.loss(self.wrt)
+            else:
+                loss = self.loss_fn()
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)}")
+            grads = torch.autograd.grad(loss, self.wrt, create_graph=True, allow_unused=True)
+        self.loss = loss.detach()
+        self.grads = _zeros_for_none(grads, self.params)
+        # Gradient entries that do not depend on the parameters (linear in θ, or
+        # unused) have no graph: their rows of H are zero.
+        self.live = [i for i, g in enumerate(self.grads) if g.requires_grad]
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def column(self, v: torch.Tensor) -> torch.Tensor:
+        """Hv for one flat vector v (n,) by a second backward pass."""
+        live = self.live
+        parts = unflatten(v, self.params)
+        hv = torch.autograd.grad([self.grads[i] for i in live], [self.wrt[i] for i in live], [parts[i] for i in live],
+                                 retain_graph=True, allow_unused=True)
+        full = [torch.zeros_like(p) for p in self.params]
+        for i, h in zip(live, hv):
+            if h is not None:
+                full[i] = h
+        return flatten(full)
+
+    def block(self, V: torch.Tensor) -> torch.Tensor:
+        """HV for a block V (n, k) by one vmapped second backward pass
+        (PyTorch's errors pass through)."""
+        live, k = self.live, V.shape[1]
+        parts = unflatten(V, self.params)
+        hv = torch.autograd.grad([self.grads[i] for i in live], [self.wrt[i] for i in live], [parts[i] for i in live],
+                                 retain_graph=True, allow_unused=True, is_grads_batched=True)
+        full = [torch.zeros((k, *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
+        for i, h in zip(live, hv):
+            if h is not None:
+                full[i] = h
+        return _flat_block(full)
+
+    def close(self) -> None:
+        self.grads = None
+        self.loss = None
+        self.live = []
+
+
+class _DoubleBackward(HessianOperator):
+    """What the double-backward methods share: the gradient graph."""
+
+    _graph: _GradientGraph
+
+    def prepare(self) -> None:
+        self._graph.build()
+
+    def gradient(self) -> list[torch.Tensor]:
+        """∇L at the operator's point (detached), from the graph the products use."""
+        self._graph.build()
+        return [g.detach() for g in self._graph.grads]
+
+    def loss(self) -> torch.Tensor:
+        self._graph.build()
+        return self._graph.loss
+
+    def close(self) -> None:
+        """Free the gradient graph."""
+        self._graph.close()
+
+
+class DoubleBackwardHessian(_DoubleBackward):
+    """``double_backward``: one second backward pass per vector through a
+    gradient graph built once.
+
+    ``fast_conv`` (with ``model``): the model's convolutions differentiate
+    twice on the ordinary kernels (:mod:`trainers.curvature.conv_double_backward`).
+    ``cuda_graphs`` (CUDA and ``model`` only; ignored otherwise): replay each
+    product's second backward pass as a CUDA graph, one per precision;
+    ``graphed`` says whether products are being replayed.
+    """
+
+    method = "double_backward"
+    CUDA_GRAPHS = True
+
+    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, model: Optional[nn.Module] = None,
+                 precision: str = "float32", fast_conv: bool = True, cuda_graphs: bool = False):
+        super().__init__(loss_fn, params, model=model, precision=precision)
+        self._cuda_graphs = cuda_graphs and self.device.type == "cuda" and model is not None
+        functional = _Functional(model, loss_fn, self.params) if self._cuda_graphs else None
+        self._graph = _GradientGraph(loss_fn, self.params, fast_conv_model=model if fast_conv else None,
+                                     functional=functional, own_stream=self._cuda_graphs)
+        self._captured: dict = {}   # precision -> (CUDA graph, input buffer, output buffer)
+        self._eager: dict = {}      # precision -> products computed without a CUDA graph
+
+    @property
+    def graphed(self) -> bool:
+        return self._cuda_graphs
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._graph.build()
+        if not self._graph.live:
+            return torch.zeros_like(V)
+        if self._cuda_graphs:
+            return self._replayed(V)
+        out = torch.empty_like(V)
+        for j in range(V.shape[1]):
+            out[:, j] = self._graph.column(V[:, j])
+        return out
+
+    def _capture(self, v: torch.Tensor):
+        """Record a second backward pass as a CUDA graph (after eager products
+        on the graph's stream have chosen the kernels); returns the graph and
+        its input and output buffers."""
+        stream, current = self._graph.stream, torch.cuda.current_stream(self.device)
+        v_in = v.clone()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                v_out = self._graph.column(v_in)
+        current.wait_stream(stream)
+        return graph, v_in, v_out
+
+    def _replayed(self, V: torch.Tensor) -> torch.Tensor:
+        """Products of the columns of V: eager for the first
+        :data:`EAGER_BEFORE_CAPTURE` of this precision, then replayed."""
+        key = self.precision
+        out = torch.empty_like(V)
+        for j in range(V.shape[1]):
+            entry = self._captured.get(key)
+            if entry is None and self._eager.get(key, 0) >= EAGER_BEFORE_CAPTURE:
+                try:
+                    entry = self._captured[key] = self._capture(V[:, j])
+                except RuntimeError as e:
+                    # a failed capture leaves CUDA state (the RNG's capture
+                    # bookkeeping) unusable: no quiet fallback, a clear error
+                    raise RuntimeError(f"Hessian-vector product: CUDA graph capture failed ({e}). Turn CUDA graphs "
+                                       "off (sharpness.cuda_graphs: false) and report the model and loss.") from e
+            if entry is None:
+                out[:, j] = self._graph.column(V[:, j])
+                self._eager[key] = self._eager.get(key, 0) + 1
+            else:
+                graph, v_in, v_out = entry
+                v_in.copy_(V[:, j])
+                graph.replay()
+                out[:, j] = v_out
+        return out
+
+    @property
+    def replayed(self) -> tuple[str, ...]:
+        """The precisions whose products are replayed from a CUDA graph."""
+        return tuple(sorted(self._captured))
+
+    def close(self) -> None:
+        """Free the gradient graph and the CUDA graphs that replay products."""
+        if self._captured and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()   # no replay still reads the buffers
+        self._captured.clear()
+        self._eager.clear()
+        super().close()
+
+
+class BatchedDoubleBackwardHessian(_DoubleBackward):
+    """``double_backward_batched``: one vmapped second backward pass per
+    block (``is_grads_batched``) through a gradient graph built once, with
+    PyTorch's own convolution double backward.  Where PyTorch's batching
+    rules for a double-backward formula fail, products raise a
+    :class:`~trainers.config.ConfigError` naming ``sharpness.hvp: double_backward``."""
+
+    method = "double_backward_batched"
+
+    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, model: Optional[nn.Module] = None,
+                 precision: str = "float32"):
+        super().__init__(loss_fn, params, model=model, precision=precision)
+        self._graph = _GradientGraph(loss_fn, self.params)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._graph.build()
+        if not self._graph.live:
+            return torch.zeros_like(V)
+        try:
+            return self._graph.block(V)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise ConfigError(f"sharpness.hvp: double_backward_batched is not supported for this model here: "
+                              f"PyTorch's vmapped double backward failed ({str(e).splitlines()[0]}); use "
+                              "sharpness.hvp: double_backward (the same products, one vector at a time)") from e
+
+
+class _ForwardOverReverse(HessianOperator):
+    """What the forward-over-reverse methods share: the functional loss."""
+
+    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, model: Optional[nn.Module] = None,
+                 precision: str = "float32"):
+        super().__init__(loss_fn, params, model=model, precision=precision)
+        if model is None:
+            raise ValueError(f"model: the {self.method} products need the model the parameters belong to")
+        self._functional = _Functional(model, loss_fn, self.params)
+
+    def _hvp(self):
+        """tangents ↦ H·tangents (tuples shaped like the parameters)."""
+        from torch.func import jvp
+
+        primals = tuple(p.detach() for p in self.params)
+        grad_fn = self._functional.grad()
+
+        def hvp(*tangents):
+            return jvp(grad_fn, primals, tangents)[1]
+        return hvp
+
+
+class ForwardOverReverseHessian(_ForwardOverReverse):
+    """``forward_over_reverse``: ``jvp(grad(L))`` per vector (needs ``model``)."""
+
+    method = "forward_over_reverse"
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        hvp = self._hvp()
+        parts = unflatten(V, self.params)
+        out = torch.empty_like(V)
+        for j in range(V.shape[1]):
+            out[:, j] = flatten(hvp(*(t[j] for t in parts)))
+        return out
+
+
+class VmapForwardOverReverseHessian(_ForwardOverReverse):
+    """``forward_over_reverse_vmap``: ``vmap(jvp(grad(L)))`` per block (needs ``model``)."""
+
+    method = "forward_over_reverse_vmap"
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        from torch.func import vmap
+        return _flat_block(vmap(self._hvp())(*unflatten(V, self.params)))
+
+
+#: ``sharpness.hvp`` name -> product method (the names are trainers.config.HVP_METHODS)
+PRODUCTS: dict[str, type[HessianOperator]] = {cls.method: cls for cls in (
+    DoubleBackwardHessian, BatchedDoubleBackwardHessian, ForwardOverReverseHessian, VmapForwardOverReverseHessian)}
+
+
+def hessian_operator(method: str, loss_fn: LossFn, params: Sequence[torch.Tensor], *,
+                     model: Optional[nn.Module] = None, precision: str = "float32",
+                     cuda_graphs: bool = False) -> HessianOperator:
+    """The Hessian operator of product method ``method`` (:data:`PRODUCTS`);
+    ``cuda_graphs`` applies to the methods that can replay products and is
+    ignored by the others."""
+    cls = PRODUCTS.get(method)
+    if cls is None:
+        raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)}; got {method!r}")
+    options = {"cuda_graphs": cuda_graphs} if cls.CUDA_GRAPHS else {}
+    return cls(loss_fn, params, model=model, precision=precision, **options)
+
+
+# ---------------------------------------------------------------------------
 # one-shot products
 
 
@@ -134,304 +656,14 @@ def hessian_vector_product(loss_fn: LossFn, params: Sequence[torch.Tensor], v) -
     flat vector; the result has the same form."""
     params = list(params)
     flat = isinstance(v, torch.Tensor)
-    with HessianOperator(loss_fn, params, method="double_backward") as H:
+    with DoubleBackwardHessian(loss_fn, params) as H:
         hv = H(v if flat else flatten(v))
     return hv if flat else unflatten(hv, params)
 
 
 def hessian_vector_products(loss_fn: LossFn, params: Sequence[torch.Tensor], V: torch.Tensor,
                             method: str = "double_backward", model: Optional[nn.Module] = None) -> torch.Tensor:
-    """HV for a block V (n, k) of flat vectors, by ``method`` (see :data:`METHODS`;
+    """HV for a block V (n, k) of flat vectors by ``method`` (:data:`PRODUCTS`;
     the forward-over-reverse methods need the ``model`` the parameters belong to)."""
-    with HessianOperator(loss_fn, list(params), method=method, model=model) as H:
+    with hessian_operator(method, loss_fn, list(params), model=model) as H:
         return H(V)
-
-
-# ---------------------------------------------------------------------------
-# the operator
-
-
-class _LossModule(nn.Module):
-    """Wraps ``model`` and a closure over it so that ``functional_call`` can
-    substitute functional parameters for the closure's forward pass."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-
-    def forward(self) -> torch.Tensor:
-        return self._loss_fn()
-
-
-class HessianOperator:
-    """The Hessian of ``loss_fn`` w.r.t. ``params`` as a linear operator on flat
-    vectors: ``H(v)`` for v of shape (n,) or ``H(V)`` for a block (n, k).
-
-    ``products`` counts vector products (a block of k counts k).  With the
-    double-backward methods the gradient graph is built on first use and kept
-    until :meth:`close` (or the end of a ``with`` block); the parameters must
-    not change in between.  ``method``:
-
-    * ``double_backward``: one second backward pass per vector (with
-      ``model`` and ``fast_conv``, through :mod:`trainers.curvature.conv_double_backward`);
-    * ``double_backward_batched``: one vmapped second backward pass per block
-      (``is_grads_batched``);
-    * ``forward_over_reverse``: ``jvp(grad(L))`` per vector (needs ``model``);
-    * ``forward_over_reverse_vmap``: ``vmap(jvp(grad(L)))`` per block (needs ``model``).
-
-    ``cuda_graphs``: with ``double_backward`` and ``model`` on a CUDA device,
-    replay each product's second backward pass as a CUDA graph (see the module
-    docstring); ignored otherwise.  ``graphed`` says whether products are being replayed.
-    """
-
-    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, method: str = "double_backward",
-                 model: Optional[nn.Module] = None, fast_conv: bool = True, cuda_graphs: bool = False):
-        if method not in METHODS:
-            raise ValueError(f"method: must be one of {', '.join(METHODS)}; got {method!r}")
-        self.loss_fn = loss_fn
-        self.params = list(params)
-        if not self.params:
-            raise ValueError("params: no parameters to differentiate")
-        self.method = method
-        self.n = num_elements(self.params)
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
-        self.products = 0
-        self._grads: Optional[list[torch.Tensor]] = None
-        self._loss: Optional[torch.Tensor] = None
-        # double backward through the model's convolutions on the fast kernels
-        # (trainers/curvature/conv_double_backward.py); the vmapped variant keeps the
-        # built-in formula, whose batching rules it relies on
-        self._fast_conv_model = model if (fast_conv and method == "double_backward") else None
-        self._cuda_graphs = (cuda_graphs and method == "double_backward" and self.device.type == "cuda"
-                             and model is not None)
-        self._stream: Optional[torch.cuda.Stream] = None   # where the gradient graph and the captures run
-        self._captured: dict = {}   # TF32 setting -> (CUDA graph, input buffer, output buffer)
-        self._eager: dict = {}      # TF32 setting -> products computed without a CUDA graph
-        self._wrt = self.params     # the leaves the gradient graph is differentiated with respect to
-        self._unbatchable = False   # double_backward_batched: PyTorch's vmapped double backward failed here
-        if method.startswith("forward_over_reverse") or self._cuda_graphs:
-            if model is None:
-                raise ValueError(f"model: method {method!r} needs the model the parameters belong to")
-            self._setup_functional(model)
-
-    # --- double backward ---------------------------------------------------
-    def _build_graph(self) -> None:
-        convs = (fast_double_backward(self._fast_conv_model) if self._fast_conv_model is not None
-                 else contextlib.nullcontext())
-        stream = contextlib.nullcontext()
-        if self._cuda_graphs:
-            # the second backward runs each op on the stream of the op it
-            # differentiates, so the graph is built on the stream the CUDA
-            # graphs will be captured on
-            self._stream = torch.cuda.Stream(self.device)
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            stream = torch.cuda.stream(self._stream)
-        with convs, stream:
-            if self._cuda_graphs:
-                # fresh leaves sharing the parameters' storage: the autograd
-                # nodes of the parameters themselves may belong to the training
-                # step's graph on the default stream, and a capture that meets
-                # them synchronises with that stream and fails
-                self._wrt = [p.detach().requires_grad_(True) for p in self.params]
-                from torch.func import functional_call
-                loss = functional_call(self._wrapper, dict(zip(self._names, self._wrt)), ())
-            else:
-                loss = self.loss_fn()
-            if loss.dim() != 0:
-                raise ValueError(f"loss_fn must return a scalar; got shape {tuple(loss.shape)}")
-            grads = torch.autograd.grad(loss, self._wrt, create_graph=True, allow_unused=True)
-        self._loss = loss.detach()
-        self._grads = _zeros_for_none(grads, self.params)
-        # Gradient entries that do not depend on the parameters (linear in θ, or
-        # unused) have no graph: their rows of H are zero.
-        self._live = [i for i, g in enumerate(self._grads) if g.requires_grad]
-        if self._stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-
-    def _column_product(self, v: torch.Tensor) -> torch.Tensor:
-        """Hv for one flat vector v (n,) by a second backward pass."""
-        live = self._live
-        live_params = [self._wrt[i] for i in live]
-        parts = unflatten(v, self.params)
-        hv = torch.autograd.grad([self._grads[i] for i in live], live_params, [parts[i] for i in live],
-                                 retain_graph=True, allow_unused=True)
-        full = [torch.zeros_like(p) for p in self.params]
-        for i, h in zip(live, hv):
-            if h is not None:
-                full[i] = h
-        return flatten(full)
-
-    def _capture(self, v: torch.Tensor):
-        """Record :meth:`_column_product` as a CUDA graph (after eager products
-        on the graph's stream have chosen the kernels); returns the graph and
-        its input and output buffers."""
-        stream, current = self._stream, torch.cuda.current_stream(self.device)
-        v_in = v.clone()
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                v_out = self._column_product(v_in)
-        current.wait_stream(stream)
-        return graph, v_in, v_out
-
-    def _graphed_double_backward(self, V: torch.Tensor) -> torch.Tensor:
-        """Products of the columns of V: eager for the first
-        :data:`EAGER_BEFORE_CAPTURE` of a TF32 setting, then replayed."""
-        key = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-        out = torch.empty_like(V)
-        for j in range(V.shape[1]):
-            entry = self._captured.get(key)
-            if entry is None and self._eager.get(key, 0) >= EAGER_BEFORE_CAPTURE:
-                try:
-                    entry = self._captured[key] = self._capture(V[:, j])
-                except RuntimeError as e:
-                    # a failed capture leaves CUDA state (the RNG's capture
-                    # bookkeeping) unusable: no quiet fallback, a clear error
-                    raise RuntimeError(f"Hessian-vector product: CUDA graph capture failed ({e}). Turn CUDA graphs "
-                                       "off (sharpness.cuda_graphs: false) and report the model and loss.") from e
-            if entry is None:
-                out[:, j] = self._column_product(V[:, j])
-                self._eager[key] = self._eager.get(key, 0) + 1
-            else:
-                graph, v_in, v_out = entry
-                v_in.copy_(V[:, j])
-                graph.replay()
-                out[:, j] = v_out
-        return out
-
-    def _batched_double_backward(self, V: torch.Tensor) -> Optional[torch.Tensor]:
-        """HV for the block V by one vmapped second backward pass, or None
-        where PyTorch's batching rules for a double-backward formula raise
-        (convolutions and GroupNorm on CUDA; convolutions on the CPU with
-        torch 2.11): then this operator warns once and goes column by column."""
-        live, k = self._live, V.shape[1]
-        parts = unflatten(V, self.params)
-        try:
-            hv = torch.autograd.grad([self._grads[i] for i in live], [self._wrt[i] for i in live],
-                                     [parts[i] for i in live], retain_graph=True, allow_unused=True,
-                                     is_grads_batched=True)
-        except RuntimeError as e:
-            self._unbatchable = True
-            warnings.warn(f"double_backward_batched: PyTorch's vmapped double backward failed on this model "
-                          f"({str(e).splitlines()[0]}); computing products one vector at a time (same values; "
-                          "sharpness.hvp: double_backward is the fast default)", RuntimeWarning, stacklevel=4)
-            return None
-        full = [torch.zeros((k, *p.shape), device=p.device, dtype=p.dtype) for p in self.params]
-        for i, h in zip(live, hv):
-            if h is not None:
-                full[i] = h
-        return _flat_block(full)
-
-    def _double_backward(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
-        if self._grads is None:
-            self._build_graph()
-        if not self._live:
-            return torch.zeros_like(V)
-        if batched and not self._unbatchable:
-            out = self._batched_double_backward(V)
-            if out is not None:
-                return out
-        if self._cuda_graphs:   # double_backward only
-            return self._graphed_double_backward(V)
-        out = torch.empty_like(V)
-        for j in range(V.shape[1]):
-            out[:, j] = self._column_product(V[:, j])
-        return out
-
-    # --- forward over reverse --------------------------------------------
-    def _setup_functional(self, model: nn.Module) -> None:
-        ids = {id(p): i for i, p in enumerate(self.params)}
-        names = [None] * len(self.params)
-        for name, p in model.named_parameters():
-            if id(p) in ids:
-                names[ids[id(p)]] = "model." + name
-        missing = [i for i, nm in enumerate(names) if nm is None]
-        if missing:
-            raise ValueError(f"params: {len(missing)} parameters are not parameters of the model")
-        self._names = names
-        self._wrapper = _LossModule(model, self.loss_fn)
-
-    def _grad_fn(self):
-        from torch.func import functional_call, grad
-
-        names, wrapper = self._names, self._wrapper
-
-        def loss_of(*ps):
-            return functional_call(wrapper, dict(zip(names, ps)), ())
-        return grad(loss_of, argnums=tuple(range(len(names))))
-
-    def _forward_over_reverse(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
-        from torch.func import jvp, vmap
-
-        primals = tuple(p.detach() for p in self.params)
-        grad_fn = self._grad_fn()
-
-        def hvp(*tangents):
-            return jvp(grad_fn, primals, tangents)[1]
-
-        parts = unflatten(V, self.params)
-        if batched:
-            return _flat_block(vmap(hvp)(*parts))
-        out = torch.empty_like(V)
-        for j in range(V.shape[1]):
-            out[:, j] = flatten(hvp(*(t[j] for t in parts)))
-        return out
-
-    # --- interface -----------------------------------------------------------
-    def __call__(self, V: torch.Tensor) -> torch.Tensor:
-        single = V.dim() == 1
-        if single:
-            V = V[:, None]
-        if V.dim() != 2 or V.shape[0] != self.n:
-            raise ValueError(f"expected a vector ({self.n},) or a block ({self.n}, k); got {tuple(V.shape)}")
-        V = V.to(device=self.device, dtype=self.dtype)
-        if V.shape[1] == 0:
-            return V.clone()
-        if self.method == "double_backward":
-            out = self._double_backward(V, batched=False)
-        elif self.method == "double_backward_batched":
-            out = self._double_backward(V, batched=True)
-        elif self.method == "forward_over_reverse":
-            out = self._forward_over_reverse(V, batched=False)
-        else:
-            out = self._forward_over_reverse(V, batched=True)
-        self.products += V.shape[1]
-        return out[:, 0] if single else out
-
-    def gradient(self) -> list[torch.Tensor]:
-        """∇L at the operator's point (detached), from the same graph the
-        double-backward products use."""
-        if self.method.startswith("double_backward"):
-            if self._grads is None:
-                self._build_graph()
-            return [g.detach() for g in self._grads]
-        return [g.detach() for g in gradient(self.loss_fn, self.params)]
-
-    def loss(self) -> torch.Tensor:
-        """The (detached) loss value at which the operator is taken."""
-        if self._loss is None:
-            with torch.no_grad():
-                self._loss = self.loss_fn().detach()
-        return self._loss
-
-    @property
-    def graphed(self) -> bool:
-        return self._cuda_graphs
-
-    def close(self) -> None:
-        """Free the gradient graph (and the CUDA graphs that replay products)."""
-        if self._captured:
-            torch.cuda.current_stream(self.device).synchronize()   # no replay still reads the buffers
-            self._captured.clear()
-        self._eager.clear()
-        self._grads = None
-        self._live = []
-
-    def __enter__(self) -> "HessianOperator":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -22,10 +22,10 @@ Shao, Yang & Gu (2018, "A robust and efficient implementation of LOBPCG"):
   distance from θ to the neighbouring Ritz values: a Ritz value's error is
   about residual² / gap, so on a cluster of nearly equal top eigenvalues a
   residual that is small next to θ can still leave θ a mixture of the
-  cluster's eigenvalues (bench/RESULTS.md: 0.7 % off at residual 0.01 with
-  three eigenvalues within 2 %); the solver stops when the ``nwanted`` top
-  columns have converged — never on the change of θ, which stalls on
-  near-degenerate spectra long before the top eigenpair is found.
+  cluster's eigenvalues (bench/RESULTS.md has an example); the solver stops
+  when the ``nwanted`` top columns have converged — never on the change of
+  θ, which stalls on near-degenerate spectra long before the top eigenpair
+  is found.
 
 The extra ``k − nwanted`` columns are guard vectors: they make the
 convergence rate depend on the gap to λ_{k+1} instead of λ_{nwanted+1}, and
@@ -34,11 +34,11 @@ keep two nearly equal top eigenvalues apart.
 A warm start passes the previous solve's vectors as ``X0``; an (n, k) block
 with fewer columns (or rank-deficient columns) is completed with random ones.
 
-:func:`lobpcg_verified` searches with a cheap, slightly inexact operator (on
-GPUs: TF32 products, 1.7–2.4× faster than float32 ones on an H200) and checks the answer
-with the exact one: one exact product per wanted column gives their exact
-Rayleigh quotients and residuals, and the search continues with exact
-products only if a residual is above tolerance.  The eigenvalues it reports
+:func:`lobpcg_verified` searches with a cheap, slightly inexact operator (the
+same Hessian operator at TF32 precision) and checks the answer with the
+exact one: one exact product per wanted column gives their exact Rayleigh
+quotients and residuals, and the search continues with exact products only
+if a residual is above tolerance.  The eigenvalues it reports
 are exact-operator Rayleigh–Ritz values, whose error is bounded by the exact
 residuals like any other (≈ residual² · λ / gap), whatever the search's noise.
 """

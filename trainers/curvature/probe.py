@@ -6,7 +6,8 @@ measures on the frozen Hessian batch
 * λ₁(H), the top eigenvalue of the loss Hessian (``lambda_max``);
 * for Adam/AdamW, λ₁(P⁻¹H) with P = diag(√v̂ + ε) from the optimizer's
   bias-corrected second moment (``lambda_precond``).  P⁻¹H is similar to the
-  symmetric P^{-1/2} H P^{-1/2}, whose eigenvalues are computed instead;
+  symmetric P^{-1/2} H P^{-1/2} (``Diagonal(d) @ H @ Diagonal(d)``,
+  d = P^{-1/2}), whose eigenvalues are computed instead;
 * the ratio λ/threshold to the optimizer's stability threshold at the step's
   learning rate (λ₁(P⁻¹H) for the Adam family, λ₁(H) otherwise); a ratio
   above 1 means the quadratic model of the loss is unstable under the update
@@ -18,22 +19,22 @@ measures on the frozen Hessian batch
   Stability" quantity, Andreyev & Beneventano 2024).
 
 Each eigenproblem is solved by block LOBPCG (:mod:`trainers.curvature.lobpcg`),
-warm-started from the previous probe's vectors; the Hessian-vector products
-reuse one gradient graph per probe and, on a GPU, are replayed as CUDA graphs
-(``sharpness.cuda_graphs``; :mod:`trainers.curvature.hessian`).
+warm-started from the previous probe's vectors.  The Hessian operator
+(:mod:`trainers.curvature.hessian`; method ``sharpness.hvp``) computes float32
+products and reuses one gradient graph per probe; on a GPU its products are
+replayed as CUDA graphs (``sharpness.cuda_graphs``).  On GPUs with TF32
+(``sharpness.search_precision: tf32``, the default) LOBPCG searches with the
+same operator at TF32 precision and the answer is checked with float32
+products (:func:`trainers.curvature.lobpcg.lobpcg_verified`): the reported λ
+and residual are float32 values.
 
 The probe leaves training undisturbed: parameters and their ``.grad`` are not
-touched, the global RNG is not used (its own generator is part of
-:meth:`SharpnessProbe.state_dict`), and what it reports is exact to float32
-rounding: TF32 is off except in the eigen-solver's search on GPUs that have
-it (``sharpness.search_precision: tf32``, the default), whose answer is then
-checked with float32 products (:func:`trainers.curvature.lobpcg.lobpcg_verified`): the
-reported λ and residual are float32 values.  Weight decay is not part of the
-probed loss.
+touched, the global RNG and the global TF32 settings are left as they were
+(its own generator is part of :meth:`SharpnessProbe.state_dict`).  Weight
+decay is not part of the probed loss.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Optional
 
@@ -41,7 +42,8 @@ import torch
 import torch.nn as nn
 
 from trainers.config import OptimConfig, SharpnessConfig
-from trainers.curvature.hessian import HessianOperator, flatten, trainable_parameters
+from trainers.curvature.hessian import (CurvatureOperator, Diagonal, DoubleBackwardHessian, flatten, hessian_operator,
+                                        trainable_parameters)
 from trainers.curvature.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified
 from trainers.curvature.thresholds import adam_preconditioner, is_preconditioned, stability_threshold
 
@@ -52,33 +54,6 @@ COLUMNS = ("lambda_max", "lambda_precond", "ratio", "eig_residual", "eig_iters",
            "eig_converged", "topk", "hessian_trace", "batch_sharpness")
 
 
-@contextlib.contextmanager
-def float32_matmuls(precision: str, cudnn_tf32: bool):
-    """Set ``torch.set_float32_matmul_precision(precision)`` and cuDNN's TF32
-    flag for the block (restored on exit)."""
-    matmul = torch.get_float32_matmul_precision()
-    cudnn = torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = cudnn_tf32
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn
-
-
-def exact_float32():
-    """TF32 off for matmuls and cuDNN convolutions: TF32's 10-bit mantissa
-    makes Hessian-vector products noisy at the 1e-3 level, the tolerance the
-    eigen-solver works to."""
-    return float32_matmuls("highest", False)
-
-
-def tf32():
-    """TF32 on for matmuls and cuDNN convolutions (the eigen-solver's search)."""
-    return float32_matmuls("high", True)
-
-
 def has_tf32(device) -> bool:
     """Whether float32 convolutions and matmuls on ``device`` can run as TF32
     (NVIDIA compute capability 8.0 and later)."""
@@ -86,27 +61,19 @@ def has_tf32(device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-#: relative residual the TF32 search stops at, at least: TF32 products differ
-#: from float32 ones by ~1e-4–5e-4 (bench/RESULTS.md), which is the floor of
-#: the residuals a TF32 search can reach
+#: relative residual the TF32 search stops at, at least: the noise floor of
+#: TF32 products relative to float32 ones (bench/RESULTS.md)
 TF32_SEARCH_TOL = 2e-3
 
 
-def with_tf32(operator):
-    """``operator`` with its products computed in TF32."""
-    def fast(Y: torch.Tensor) -> torch.Tensor:
-        with tf32():
-            return operator(Y)
-    return fast
-
-
-def top_eigenpairs(operator, X0: Optional[torch.Tensor] = None, *, search_tf32: bool = False,
+def top_eigenpairs(operator: CurvatureOperator, X0: Optional[torch.Tensor] = None, *, search_tf32: bool = False,
                    **kwargs) -> LOBPCGResult:
-    """:func:`trainers.curvature.lobpcg.lobpcg` of ``operator``; with ``search_tf32``
-    the search runs on TF32 products and the answer is checked with
-    ``operator``'s own (:func:`trainers.curvature.lobpcg.lobpcg_verified`)."""
+    """:func:`trainers.curvature.lobpcg.lobpcg` of ``operator``; with
+    ``search_tf32`` the search runs on ``operator.at("tf32")`` and the answer
+    is checked with ``operator.at("float32")``
+    (:func:`trainers.curvature.lobpcg.lobpcg_verified`)."""
     if search_tf32:
-        return lobpcg_verified(with_tf32(operator), operator, X0, fast_tol=TF32_SEARCH_TOL, **kwargs)
+        return lobpcg_verified(operator.at("tf32"), operator.at("float32"), X0, fast_tol=TF32_SEARCH_TOL, **kwargs)
     return lobpcg(operator, X0, **kwargs)
 
 
@@ -119,9 +86,10 @@ class SharpnessProbe:
     double-differentiable attention); ``batch_loss_fn`` likewise for the
     training mini-batch (batch sharpness, when enabled).
 
-    ``method``: Hessian-vector product implementation
-    (:data:`trainers.curvature.hessian.METHODS`; default ``cfg.hvp``); ``seed``: the probe's own generator
-    (random start vectors, Hutchinson probes).
+    ``method``: Hessian-vector product method
+    (:data:`trainers.curvature.hessian.PRODUCTS`; default ``cfg.hvp``); ``seed``: the probe's own generator
+    (random start vectors, Hutchinson probes).  :meth:`hessian` builds the
+    operator a measurement solves with.
     """
 
     def __init__(self, cfg: SharpnessConfig, optim_cfg: OptimConfig, *, method: Optional[str] = None,
@@ -150,7 +118,8 @@ class SharpnessProbe:
         self.probes = int(state.get("probes", 0))
 
     # --- one eigenproblem -----------------------------------------------
-    def _solve(self, key: str, operator, n: int, dtype, device, transport=None) -> LOBPCGResult:
+    def _solve(self, key: str, operator: CurvatureOperator, transport=None) -> LOBPCGResult:
+        n, dtype, device = operator.n, operator.dtype, operator.device
         X0 = self.warm.get(key) if self.cfg.warm_start else None
         if X0 is not None:
             if X0.shape[0] != n:
@@ -184,45 +153,42 @@ class SharpnessProbe:
         return (2 * z - 1).to(device=device, dtype=dtype)
 
     # --- the measurement ---------------------------------------------------
+    def hessian(self, loss_fn: LossFn, params: list[torch.Tensor], model: nn.Module) -> CurvatureOperator:
+        """The Hessian operator a measurement solves with: method ``method``,
+        float32 products, CUDA graphs as ``sharpness.cuda_graphs`` says (a
+        subclass may wrap it, e.g. to time its products)."""
+        return hessian_operator(self.method, loss_fn, params, model=model, cuda_graphs=self.cfg.cuda_graphs)
+
     def measure(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, lr: float,
                 batch_loss_fn: Optional[LossFn] = None) -> dict:
         params = trainable_parameters(model)
         threshold = stability_threshold(self.optim_cfg, lr)
         cols: dict = {c: None for c in COLUMNS}
-        device_type = params[0].device.type
-        with exact_float32(), torch.autocast(device_type, enabled=False):
-            H = HessianOperator(loss_fn, params, method=self.method, model=model, cuda_graphs=self.cfg.cuda_graphs)
-            n, dtype, device = H.n, H.dtype, H.device
-            try:
-                main: Optional[LOBPCGResult] = None
-                if self.preconditioned:
-                    P = adam_preconditioner(optimizer, params)
-                    if P is not None:
-                        d = flatten(P).to(dtype).rsqrt()[:, None]   # P^{-1/2}
-
-                        def precond_op(Y: torch.Tensor) -> torch.Tensor:
-                            return d * H(d * Y)
-                        main = self._solve("precond", precond_op, n, dtype, device,
-                                           transport=self._transport(d, n, device))
-                        self.warm_scale = d   # a fresh tensor: nothing else holds it
-                        cols["lambda_precond"] = float(main.eigenvalues[0])
-                        cols["ratio"] = cols["lambda_precond"] / threshold
-                if not self.preconditioned or self.cfg.plain_lambda or main is None:
-                    plain = self._solve("plain", H, n, dtype, device)
-                    cols["lambda_max"] = float(plain.eigenvalues[0])
-                    if not self.preconditioned:
-                        cols["ratio"] = cols["lambda_max"] / threshold
-                    main = plain if main is None else main
-                cols.update(eig_residual=float(main.residuals[0]), eig_iters=int(main.iterations),
-                            eig_hvps=int(main.products), eig_converged=bool(main.converged),
-                            topk=[float(v) for v in main.eigenvalues[:self.cfg.topk]])
-                if self.cfg.trace_samples > 0:
-                    Z = self._rademacher(n, self.cfg.trace_samples, dtype, device)
-                    cols["hessian_trace"] = float((Z * H(Z)).sum(dtype=torch.float64)) / self.cfg.trace_samples
-            finally:
-                H.close()
-            if self.cfg.batch_sharpness and batch_loss_fn is not None:
-                cols["batch_sharpness"] = batch_sharpness(batch_loss_fn, params, model)
+        with self.hessian(loss_fn, params, model) as H:
+            main: Optional[LOBPCGResult] = None
+            if self.preconditioned:
+                P = adam_preconditioner(optimizer, params)
+                if P is not None:
+                    d = flatten(P).to(H.dtype).rsqrt()[:, None]   # P^{-1/2}, (n, 1)
+                    D = Diagonal(d[:, 0])
+                    main = self._solve("precond", D @ H @ D, transport=self._transport(d, H.n, H.device))
+                    self.warm_scale = d   # a fresh tensor: nothing else holds it
+                    cols["lambda_precond"] = float(main.eigenvalues[0])
+                    cols["ratio"] = cols["lambda_precond"] / threshold
+            if not self.preconditioned or self.cfg.plain_lambda or main is None:
+                plain = self._solve("plain", H)
+                cols["lambda_max"] = float(plain.eigenvalues[0])
+                if not self.preconditioned:
+                    cols["ratio"] = cols["lambda_max"] / threshold
+                main = plain if main is None else main
+            cols.update(eig_residual=float(main.residuals[0]), eig_iters=int(main.iterations),
+                        eig_hvps=int(main.products), eig_converged=bool(main.converged),
+                        topk=[float(v) for v in main.eigenvalues[:self.cfg.topk]])
+            if self.cfg.trace_samples > 0:
+                Z = self._rademacher(H.n, self.cfg.trace_samples, H.dtype, H.device)
+                cols["hessian_trace"] = float((Z * H(Z)).sum(dtype=torch.float64)) / self.cfg.trace_samples
+        if self.cfg.batch_sharpness and batch_loss_fn is not None:
+            cols["batch_sharpness"] = batch_sharpness(batch_loss_fn, params, model)
         self.probes += 1
         return cols
 
@@ -243,7 +209,7 @@ def batch_sharpness(loss_fn: LossFn, params, model: Optional[nn.Module] = None) 
     curvature along the step direction of plain SGD (Andreyev & Beneventano
     2024).  One gradient graph and one Hessian-vector product (``model``: use
     its fast convolution double backward)."""
-    with HessianOperator(loss_fn, params, method="double_backward", model=model) as H:
+    with DoubleBackwardHessian(loss_fn, params, model=model) as H:
         g = flatten(H.gradient())
         gg = float(g.double().square().sum())
         if gg == 0.0:

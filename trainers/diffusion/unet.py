@@ -11,13 +11,10 @@ swaps in ``scaled_dot_product_attention`` for plain training steps, and
 
 The forward pass has no in-place operations, so Hessian-vector products work
 by double backward and by forward-over-reverse (``torch.func.jvp`` of
-``torch.func.grad``).  A "ZeroTensors are immutable" error once reported for
-forward-over-reverse on an H100 did not reproduce with this module (torch
-2.11 + H100 and torch 2.14 CPU; every block alone and the whole
-``ddpm-cifar10`` net, zero-initialised or random weights, fused attention on
-or off): such an error needs an in-place write to a tangent that forward-mode
-AD represents as an efficient zero tensor.  ``bench/fwd_over_rev_check.py``
-re-checks it on any device.
+``torch.func.grad``): an in-place write to a tangent that forward-mode AD
+represents as an efficient zero tensor would raise "ZeroTensors are
+immutable".  ``python -m bench.fwd_over_rev_check`` checks every block and
+whole presets on a device (results in bench/RESULTS.md).
 """
 from __future__ import annotations
 
