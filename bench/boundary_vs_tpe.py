@@ -34,9 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 LOW, HIGH = 1e-5, 1e-1
 
 
@@ -141,7 +138,7 @@ def main(argv=None) -> int:
 
     print()
     print(f"- date: {date.today().isoformat()}; Ray {ray.__version__}, Optuna {optuna.__version__}; CPU only")
-    print(f"- command: `python bench/boundary_vs_tpe.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    print(f"- command: `python -m bench.boundary_vs_tpe {' '.join(argv if argv is not None else sys.argv[1:])}`")
     print(f"- {args.boundaries} boundaries log-even in [10^-4.5, 10^-1.5], search range [1e-5, 1e-1], "
           f"{args.slots} trial(s) at once; TPE: {args.seeds} sampler seeds per boundary, {args.cap} trials at most")
     print()

@@ -11,14 +11,14 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
 from trainers.config import RunConfig, merge, run_config
 from trainers.curvature.hessian import DoubleBackwardHessian, flatten, trainable_parameters
 from trainers.curvature.thresholds import adam_preconditioner
+from trainers.diffusion.unet import probe_mode
 from trainers.run.loop import Trainer, learning_rate
 
 
@@ -79,24 +79,6 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@contextlib.contextmanager
-def probe_mode(model: nn.Module) -> Iterator[None]:
-    """The model as the probe differentiates it: eval mode, attention through
-    the double-differentiable (unfused) path; restored on exit."""
-    from trainers.diffusion.unet import AttnBlock
-
-    blocks = [m for m in model.modules() if isinstance(m, AttnBlock)]
-    fused, training = [m.fused for m in blocks], model.training
-    model.eval()
-    model.set_fused_attention(False)
-    try:
-        yield
-    finally:
-        for m, f in zip(blocks, fused):
-            m.fused = f
-        model.train(training)
-
-
 def bench_config(*, preset: str, image_size: int, batch: int, device: str, data: Optional[str] = None,
                  lr: float = 1e-4, seed: int = 0, overrides: Sequence[str] = ()) -> RunConfig:
     """The run config a bench measures: the ``base`` variant, Adam at ``lr``,
@@ -138,8 +120,8 @@ class Problem:
         self.model = self.trainer.model
         self.params = trainable_parameters(self.model)
         self.optimizer = self.trainer.optimizer
-        self.draw = self.trainer.frozen_hessian_draw(0)
-        self.loss = self.trainer.frozen_loss(self.draw)
+        self.draw = self.trainer.probing.hessian_draw(0)
+        self.loss = self.trainer.probing.loss(self.model, self.draw)
         self.n = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype
         self.step = 0

@@ -33,7 +33,7 @@ import torch
 
 from trainers.config import ConfigError, RunConfig, run_config
 from trainers.diffusion.schedules import NoiseSchedule
-from trainers.diffusion.unet import AttnBlock, build_unet
+from trainers.diffusion.unet import build_unet
 from trainers.diffusion.variants import build_variant
 from trainers.run.data import Batches, load_images
 from trainers.run.optimizers import build_optimizer
@@ -381,13 +381,3 @@ class Trainer:
         with torch.no_grad():
             for pe, p in zip(self.ema.parameters(), self.model.parameters()):
                 pe.lerp_(p, 1.0 - d)
-
-    # --- for bench/probe_profile.py (until it uses Probing and probe_mode) --
-    def frozen_hessian_draw(self, step: int):
-        return self.probing.hessian_draw(step)
-
-    def frozen_loss(self, draw) -> Callable[[], torch.Tensor]:
-        return self.probing.loss(self.model, draw)
-
-    def _fused(self) -> bool:
-        return any(m.fused for m in self.model.modules() if isinstance(m, AttnBlock))
