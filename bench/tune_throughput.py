@@ -11,62 +11,42 @@ log's wall_time); the speed-up over k = 1 is measured in the same run.
 
 Processes sharing a GPU time-slice it: one trial's kernels run at a time.
 ``--mps`` runs the sweep under an NVIDIA MPS control daemon of its own
-(private pipe and log directories, stopped at exit; the GPU's compute mode is
-not touched), so that kernels of the trials on one GPU run concurrently.
+(:mod:`study.mps`: private pipe and log directories, stopped at exit; the
+GPU's compute mode is not touched), so that kernels of the trials on one GPU
+run concurrently; without it the studies run time-sliced (``resources.mps:
+false``), although ``eos study run`` would use MPS by default.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import pandas as pd
 
+from study.mps import CONTROL, gpu_count, private_daemon
 from trainers.diffusion.variants import VARIANTS
 
 
 @contextlib.contextmanager
 def cuda_mps(enabled: bool):
-    """An MPS control daemon for the CUDA processes started inside the block
-    (Ray's workers inherit the pipe directory from this process's
-    environment); quit and the environment restored on exit."""
+    """With ``enabled``, one private MPS control daemon for every sweep of the
+    bench (:func:`study.mps.private_daemon`; the studies find it running and
+    use it); without, the studies are told not to start one."""
     if not enabled:
         yield
         return
-    exe = shutil.which("nvidia-cuda-mps-control")
+    exe = shutil.which(CONTROL)
     if exe is None:
-        raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it ships with the NVIDIA driver)")
-    root = tempfile.mkdtemp(prefix="eos-mps-")
-    env = {"CUDA_MPS_PIPE_DIRECTORY": os.path.join(root, "pipe"), "CUDA_MPS_LOG_DIRECTORY": os.path.join(root, "log")}
-    saved = {k: os.environ.get(k) for k in env}
-    for d in env.values():
-        os.makedirs(d)
-    os.environ.update(env)
-    try:
-        subprocess.run([exe, "-d"], check=True)
-        print(f"[bench] MPS control daemon started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
+        raise SystemExit(f"--mps: {CONTROL} is not on PATH (it ships with the NVIDIA driver)")
+    with private_daemon(exe, log=lambda line: print(line.replace("[eos]", "[bench]"), flush=True)):
         yield
-    finally:
-        # "quit" waits for every MPS client to exit: this process must not be
-        # one (it never creates a CUDA context: see gpu_name), and a stray
-        # client must not hang the bench
-        try:
-            subprocess.run([exe], input=b"quit\n", check=False, timeout=60)
-        except subprocess.TimeoutExpired:
-            print("[bench] MPS daemon still has clients after 60 s; it quits when they exit", flush=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def gpu_name() -> str:
@@ -102,12 +82,10 @@ def main(argv=None) -> int:
 
 
 def sweep(args) -> int:
-    import torch
-
     from study.runner import run_study
     from study.spec import load_spec
 
-    gpus = torch.cuda.device_count()
+    gpus = gpu_count()   # nvidia-smi: this process must not become an MPS client
     rows = []
     for k in args.per_gpu:
         name = f"throughput-{k}-per-gpu"
@@ -117,7 +95,8 @@ def sweep(args) -> int:
         overrides = {
             "study": {"name": name, "variants": list(VARIANTS)[:k], "storage": args.storage, "seeds": [0]},
             "search": {"algorithm": "grid", "lr": {"grid": [5e-4]}},
-            "resources": {"gpu": (1.0 / k) if gpus else 0, "cpu": 1, "max_concurrent": k},
+            "resources": {"gpu": (1.0 / k) if gpus else 0, "cpu": 1, "max_concurrent": k,
+                          "mps": None if args.mps else False},
             "model": {"preset": args.preset},
             "data": {**data, "batch_size": args.batch},
             "sharpness": {"hessian_batch": args.hessian_batch or args.batch, "every": args.every,

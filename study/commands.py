@@ -72,6 +72,14 @@ def _print_plan(spec) -> int:
     print(f"  {at_most}{spec.num_trials()} trials, search {spec.search.algorithm}, objective {spec.study.objective} "
           f"({spec.mode}), {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial, "
           f"at most {spec.resources.max_concurrent} at once")
+    if 0 < spec.resources.gpu < 1:
+        from study.mps import plan
+        from trainers.config import ConfigError
+
+        try:   # on this machine; with --address each node of the cluster starts its own daemon
+            print(f"  on this machine: {plan(spec.resources.mps, spec.resources.gpu, cluster=False).reason}")
+        except ConfigError as e:
+            print(f"  on this machine: {e}")
     every = spec.trackers.every
     print(f"  trials report to Tune {f'every {every} steps' if every else 'at checkpoints and the end'}; "
           f"trackers: {', '.join(spec.trackers.enabled) or 'none'}")

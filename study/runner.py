@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import pyarrow as pa
 
 from study.layout import StudyLayout
+from study.mps import study_mps
 from study.spec import ResourcesSection, StudySpec, spec_from_dict
 from study.trials import best_trials, collect_trials, status_counts, write_trials
 from trainers.config import ConfigError
@@ -263,17 +264,18 @@ def run_study(spec: StudySpec, *, address: Optional[str] = None, num_cpus: Optio
     if _existing_study(spec, layout, resume):
         return resume_study(layout.root, address=address, num_cpus=num_cpus, autoscale=autoscale,
                             verbose=verbose)
-    started = connect(address, num_cpus)
-    try:
-        check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
-        prepare_data(spec)
-        layout.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(layout.study_json, _study_record(spec))
-        _quiet_tune()
-        return _fit(build_tuner(spec, layout, verbose), spec, layout)
-    finally:
-        if started:
-            ray.shutdown()
+    with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
+        started = connect(address, num_cpus)
+        try:
+            check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
+            prepare_data(spec)
+            layout.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(layout.study_json, _study_record(spec))
+            _quiet_tune()
+            return _fit(build_tuner(spec, layout, verbose), spec, layout)
+        finally:
+            if started:
+                ray.shutdown()   # the trials end before an MPS daemon of this study quits
 
 
 def find_study(study_dir_or_name: str | os.PathLike, storage: str | os.PathLike = "results") -> Path:
@@ -304,22 +306,23 @@ def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str]
 
     layout = StudyLayout(find_study(study_dir_or_name))
     spec = load_study_spec(layout.root)
-    started = connect(address, num_cpus)
-    try:
-        check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
-        prepare_data(spec)
-        _quiet_tune()
-        if tune.Tuner.can_restore(str(layout.tune)):
-            tuner = tune.Tuner.restore(str(layout.tune), trainable=_trainable(_plan(spec, layout)),
-                                       resume_unfinished=True, resume_errored=True)
-        else:  # interrupted before Tune saved its state: start over; run folders still resume
-            print(f"[eos] no Tune state in {layout.tune}; starting the trials again "
-                  "(finished run folders are reused)", flush=True)
-            tuner = build_tuner(spec, layout, verbose)
-        return _fit(tuner, spec, layout)
-    finally:
-        if started:
-            ray.shutdown()
+    with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
+        started = connect(address, num_cpus)
+        try:
+            check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
+            prepare_data(spec)
+            _quiet_tune()
+            if tune.Tuner.can_restore(str(layout.tune)):
+                tuner = tune.Tuner.restore(str(layout.tune), trainable=_trainable(_plan(spec, layout)),
+                                           resume_unfinished=True, resume_errored=True)
+            else:  # interrupted before Tune saved its state: start over; run folders still resume
+                print(f"[eos] no Tune state in {layout.tune}; starting the trials again "
+                      "(finished run folders are reused)", flush=True)
+                tuner = build_tuner(spec, layout, verbose)
+            return _fit(tuner, spec, layout)
+        finally:
+            if started:
+                ray.shutdown()   # the trials end before an MPS daemon of this study quits
 
 
 def boundary_lines(layout: StudyLayout) -> list[str]:

@@ -237,6 +237,8 @@ class ResourcesSection:
     cpu: float = 1.0
     gpu: float = 0.0                    # fractional slices (0.25) share a GPU; above 1: whole GPUs
     max_concurrent: int = 4
+    # CUDA MPS for trials sharing a GPU on this machine (study.mps): null = when it can, true = required, false = never
+    mps: Optional[bool] = None
 
     def __post_init__(self):
         if not self.cpu > 0:
