@@ -117,6 +117,12 @@ class SharpnessProbe:
             self.generator.set_state(state["generator"])
         self.probes = int(state.get("probes", 0))
 
+    def reset_warm_start(self) -> None:
+        """Forget the warm-start vectors: the next solve starts cold (the
+        measured objective changed, e.g. a redrawn Hessian batch)."""
+        self.warm = {}
+        self.warm_scale = None
+
     # --- one eigenproblem -----------------------------------------------
     def _solve(self, key: str, operator: CurvatureOperator, transport=None) -> LOBPCGResult:
         n, dtype, device = operator.n, operator.dtype, operator.device

@@ -5,7 +5,7 @@ is written to a temporary file and renamed into place
 (:mod:`trainers.run.atomic`), so a reader never sees half a chunk.  Chunks are flushed together with checkpoints; on resume the log
 is cut back to the checkpoint's step, so no step is ever duplicated or lost.
 
-Schema version 1 (one row per optimizer step; null where not measured).
+Schema version 2 (one row per optimizer step; null where not measured).
 :data:`STEP_COLUMNS` below is its one definition (name, Arrow type, unit,
 meaning) and :data:`UNITS` says what the unit symbols mean (θ: the
 parameters' unit, η: the learning rate's, so that the threshold and the λ in
@@ -34,6 +34,9 @@ topk               list<float64>  1/η      top-k eigenvalues (of the operator i
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
 batch_sharpness    float64        loss/θ²  directional curvature gᵀHg/‖g‖² on the training
                                            batch
+hessian_batch_id   int64          count    frozen Hessian batch measured on: 0, then +1 at
+                                           each redraw (new variant objective, e.g. pd stage;
+                                           refresh_batch)
 variant_stats      string         JSON     JSON object of the variant's own scalars
 fid                float64        1        FID of EMA samples vs. real images (eval steps only)
 inception_score    float64        1        Inception score of the same samples
@@ -57,7 +60,7 @@ import pyarrow.parquet as pq
 
 from trainers.run.atomic import remove_stale_temporaries, write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
     Column("batch_sharpness", _F, "loss/θ²", "directional curvature gᵀHg/‖g‖² on the training batch"),
+    Column("hessian_batch_id", _I, "count", "frozen Hessian batch measured on: 0, then +1 at each redraw (new "
+                                            "variant objective, e.g. pd stage; refresh_batch)"),
     Column("variant_stats", pa.string(), "JSON", "JSON object of the variant's own scalars"),
     Column("fid", _F, "1", "FID of EMA samples vs. real images (eval steps only)"),
     Column("inception_score", _F, "1", "Inception score of the same samples"),
