@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from curvature_fixtures import TinyUNetLike, dense_hessian, randomize, top_eigenvalues
-from trainers.diffusion.unet import timestep_embedding
+from curvature_fixtures import TinyDenoiser, TinyUNetLike, dense_hessian, randomize, top_eigenvalues
 from trainers.config import ScheduleConfig, VariantConfig, run_config
 from trainers.diffusion.schedules import NoiseSchedule
 from trainers.diffusion.unet import probe_mode
@@ -93,21 +92,6 @@ SETTINGS = {
     "fixed": dict(data={"batching": "fixed", "batch_size": 8}, train={"fixed_noise": True},
                   sharpness={"hessian_batch": 5}),
 }
-
-
-class TinyDenoiser(torch.nn.Module):
-    """model(x, t) with 79 parameters: conv, timestep embedding, GroupNorm, SiLU, conv."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_in = torch.nn.Conv2d(1, 3, 3, padding=1)
-        self.temb = torch.nn.Linear(4, 3)
-        self.norm = torch.nn.GroupNorm(1, 3)
-        self.conv_out = torch.nn.Conv2d(3, 1, 3, padding=1)
-
-    def forward(self, x, t):
-        h = self.conv_in(x) + self.temb(timestep_embedding(t, 4).to(x.dtype))[:, :, None, None]
-        return self.conv_out(torch.nn.functional.silu(self.norm(h)))
 
 
 def _trainer(name, setting):
