@@ -94,17 +94,18 @@ SETTINGS = {
 }
 
 
-def _trainer(name, setting):
+def _trainer(name, setting, device="cpu"):
     s = SETTINGS[setting]
     cfg = run_config(tiny_config(
         data={"image_size": 8, "channels": 1, "synthetic_size": 16, "flip": False, **s["data"]},
         optim={"name": "gd", "lr": 0.02, **s.get("optim", {})},
-        train={"steps": 3, **s.get("train", {})},
+        train={"steps": 3, "device": device, **s.get("train", {})},
         variant={"name": name, "options": OPTIONS.get(name, {})},
-        sharpness={"every": 1, "block_size": 3, "tol": 1e-6, "max_iters": 300, **s["sharpness"]}))
+        sharpness={"every": 1, "block_size": 3, "tol": 1e-6, "max_iters": 300, "search_precision": "float32",
+                   **s["sharpness"]}))
     trainer = Trainer(cfg)
     # a net small enough for a dense Hessian
-    trainer.model = randomize(TinyDenoiser(), std=0.5, seed=3)
+    trainer.model = randomize(TinyDenoiser(), std=0.5, seed=3).to(trainer.device)
     trainer.ema = copy.deepcopy(trainer.model).eval().requires_grad_(False)
     trainer.params = [p for p in trainer.model.parameters() if p.requires_grad]
     trainer.optimizer = build_optimizer(cfg.optim, trainer.params)
@@ -122,13 +123,13 @@ def _independent_objective(trainer, cfg, step):
     if v.name == "adap_s":
         x0 = trainer.batches.images[:k].float() / 127.5 - 1
         g = step_generator(seed, 0, Purpose.HESSIAN, trainer.device)
-        t = torch.randint(0, v.schedule.timesteps, (k,), generator=g)
+        t = torch.randint(0, v.schedule.timesteps, (k,), generator=g, device=trainer.device)
         noise, input_noise = v.sample_noise(x0, g)
         o = v.options
         q = (1 - o.uniform_mix) * torch.softmax(v.logits, 0) + o.uniform_mix / o.bins
         big_t = v.schedule.timesteps
         width = big_t / o.bins   # 1000 / 20 bins: 50 timesteps each
-        weight = (big_t * q[(t // width).long()] / width).float()
+        weight = (big_t * q.to(t.device)[(t // width).long()] / width).float()
         plain = build_variant(VariantConfig(name="base"), v.schedule)
         d = Draw(x0, t, noise, input_noise)
         return lambda: (weight * plain.loss(model, d)).mean()
@@ -141,10 +142,14 @@ def _independent_objective(trainer, cfg, step):
     return lambda: v.loss(model, d).mean()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("name", ALL)
-def test_every_variant_trains_and_its_lambda_matches_a_dense_hessian(name, setting):
-    cfg, trainer = _trainer(name, setting)
+def test_every_variant_trains_and_its_lambda_matches_a_dense_hessian(name, setting, device):
+    cfg, trainer = _trainer(name, setting, device)
     rows = [train_step(trainer)[0] for _ in range(3)]
     for row in rows:
         assert math.isfinite(row["loss"]) and math.isfinite(row["lambda_max"]) and row["eig_converged"]
