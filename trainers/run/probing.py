@@ -12,25 +12,26 @@ The Hessian batch is frozen — fixed x₀, t/σ and noise — and follows the
 objective the variant is training on: it is redrawn when the variant's
 objective changes (:meth:`Variant.objective_id
 <trainers.diffusion.variants.base.Variant.objective_id>`, e.g. a new ``pd``
-curriculum stage), at each probe with ``sharpness.refresh_batch``, and
-otherwise kept, so that the probe's warm starts carry over; between redraws
-the variant may reweight it to its current objective (``follow_objective``:
-``adap_s``'s importance weights).  Each probe row records which batch it
-measured on (``hessian_batch_id``: 0 for the first, +1 at every redraw), and
-at an objective change the probe's warm start is dropped (the next solve is
-cold).
+curriculum stage), at each probe with ``sharpness.refresh_batch`` (not for a
+deterministic objective), and otherwise kept, so that the probe's warm
+starts carry over; at every probe the variant may reweight it to its current
+objective (``follow_objective``: ``adap_s``'s importance weights).  Each
+probe row records which batch it measured on (``hessian_batch_id``: 0 for
+the first, +1 at every redraw); at a change of objective the probe's warm
+start is dropped (the next solve is cold).
 
 When the training objective is deterministic (``train.fixed_noise`` on a
-``fixed`` or ``full`` batch, and a variant whose draw fixed noise fixes:
-GD on one loss), the Hessian batch is that objective's own draw at the step
-it is (re)drawn, or rather its first ``sharpness.hessian_batch`` examples:
-λ₁ is the curvature of the whole objective only when ``hessian_batch`` is at
-least the batch size (``data.batch_size``, or the data set with ``full``),
-otherwise of the mean loss over that subset (a per-example term of the
-objective, STF's references included).  Otherwise the Hessian batch is the
-first ``hessian_batch`` training images, unflipped, with t/σ and noise
-from the ``HESSIAN`` stream (:mod:`trainers.run.rng`), drawn by the
-variant's ``hessian_draw``.
+``fixed`` or ``full`` batch, with a variant whose draw fixed noise fixes —
+not ``adap_s``: GD on one loss), the Hessian batch is the first
+``sharpness.hessian_batch`` examples of that objective's own draw (taken at
+the step the batch is drawn).  λ₁ is then the curvature of the whole
+objective GD descends only when ``hessian_batch`` is at least the batch
+(``data.batch_size``, or the data set with ``full``); otherwise it is that of
+the mean loss over those first examples (their per-example terms of the
+objective, STF's references into the whole batch included).  Otherwise the
+Hessian batch is the first ``hessian_batch`` training images, unflipped,
+with t/σ and noise from the ``HESSIAN`` stream (:mod:`trainers.run.rng`),
+drawn by the variant's ``hessian_draw``.
 """
 from __future__ import annotations
 
@@ -110,10 +111,10 @@ class Probing:
 
     def hessian_draw(self, step: int) -> Draw:
         """The frozen Hessian batch at ``step`` (see the module docstring):
-        redrawn at the first call, at a change of the variant's objective
-        and, with ``sharpness.refresh_batch``, at every call; rebuilt
-        unchanged after a resume; brought to the current objective by the
-        variant's ``follow_objective``."""
+        drawn at the first call, redrawn at a change of the variant's
+        objective and, with ``sharpness.refresh_batch`` (random objective
+        only), at every call; rebuilt unchanged after a resume; brought to
+        the current objective by the variant's ``follow_objective``."""
         sharp = self.cfg.sharpness
         objective = self.variant.objective_id(step)
         first = self._objective is None
