@@ -355,8 +355,10 @@ class Trainer:
         self.probing.load_state_dict(state.get("probe"))
 
     def resume(self, run: RunDir) -> bool:
-        """Load the newest readable checkpoint of ``run``; False when there is none."""
-        state = run.load_latest_checkpoint(self.device)
+        """Load the newest readable checkpoint of ``run``; False when there is none.
+        Loaded onto the CPU (:meth:`RunDir.load_checkpoint`); :meth:`load_state_dict`
+        moves every tensor to its owner's device."""
+        state = run.load_latest_checkpoint()
         if state is None:
             return False
         self.load_state_dict(state)

@@ -39,7 +39,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from trainers.config import ConfigError
 from trainers.run.atomic import remove_stale_temporaries, write_atomic, write_json_atomic
@@ -207,15 +207,31 @@ class RunDir:
             return None
         return write_atomic(self.checkpoint_dir / source.name, lambda tmp: shutil.copyfile(source, tmp))
 
-    def load_latest_checkpoint(self, map_location: Any = None) -> Optional[dict]:
-        """The newest checkpoint that loads (a damaged file falls back to the one before), or None."""
+    def load_checkpoint(self, path: Path) -> Optional[dict]:
+        """The trainer state in checkpoint ``path``, loaded onto the CPU, or None
+        when the file does not load (the reason goes to stderr).
+
+        Always the CPU, whatever device the run trains on: each owner's
+        ``load_state_dict`` puts its tensors on its own device (the model's
+        and optimizer's on the parameters', the probe's generator state stays
+        a CPU ``ByteTensor``).  Loading with ``map_location=<training device>``
+        would move the probe's CPU generator state to the GPU, where
+        ``Generator.set_state`` rejects it."""
         import torch
 
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a damaged file: the caller tries the previous one
+            print(f"[eos] skipping unreadable checkpoint {path.name}: {e}", file=sys.stderr)
+            return None
+
+    def load_latest_checkpoint(self) -> Optional[dict]:
+        """The newest checkpoint that loads (a damaged file falls back to the one before), or None;
+        on the CPU (:meth:`load_checkpoint`)."""
         for path in reversed(self.checkpoints()):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=False)
-            except Exception as e:  # noqa: BLE001 - a damaged file: try the previous one
-                print(f"[eos] skipping unreadable checkpoint {path.name}: {e}", file=sys.stderr)
+            state = self.load_checkpoint(path)
+            if state is not None:
+                return state
         return None
 
     # --- starting a run -----------------------------------------------------
