@@ -119,3 +119,44 @@ def test_resumed_probed_run_equals_an_uninterrupted_one(tmp_path):
         train(cfg, tmp_path / "resumed", on_step=crash_at(7))
     train(cfg, tmp_path / "resumed")
     assert_same_rows(rows(tmp_path / "straight"), rows(tmp_path / "resumed"), 12)
+
+
+# ---------------------------------------------------------------------------
+# 17.7: a kill after the final checkpoint
+
+
+def write_config(tmp_path, cfg) -> str:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_kill_after_the_final_checkpoint_takes_the_final_loss_from_the_log(tmp_path, capsys):
+    from trainers.run.rundir import RUNNING, RunStatus
+
+    cfg = tiny_config(train={"steps": 10, "checkpoint_every": 5})
+    out = tmp_path / "runs"
+    run = RunDir(out / "base_lr0.001_s0")
+
+    def killed_after_final(path, steps_done):
+        if steps_done == 10:
+            raise Crash("killed after the final checkpoint")
+
+    with pytest.raises(Crash):
+        train(cfg, run, on_checkpoint=killed_after_final)
+    # killed between the checkpoint file and its status line: status.json still says step 5
+    run.write_status(RunStatus(RUNNING, 5, None))
+    logged = read_steps(run.steps)
+    assert logged["step"].tolist() == list(range(10))
+
+    capsys.readouterr()
+    assert eos(["train", "--config", write_config(tmp_path, cfg), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert printed == [{"trial": run.name, "status": "completed", "steps": 10,
+                        "final_loss": logged["loss"].iloc[-1]}]
+    status = run.read_status()
+    assert status.status == "completed" and status.steps_done == 10 and status.final_loss == logged["loss"].iloc[-1]
+    assert read_steps(run.steps).drop(columns="wall_time").equals(logged.drop(columns="wall_time"))
+    # a completed status without a final loss (written by an older version) is repaired from the log
+    run.write_status(RunStatus("completed", 10, None))
+    assert train(cfg, run).final_loss == logged["loss"].iloc[-1] == run.read_status().final_loss

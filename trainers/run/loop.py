@@ -25,7 +25,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -76,6 +76,9 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
     ended = run.read_status() if resume else None
     if ended is not None and ended.ended:
         run.prepare(cfg.to_dict(), resume=True)  # still refuses a different config
+        if ended.final_loss is None and ended.steps_done > 0:   # written by an older version: the log's
+            ended = replace(ended, final_loss=run.step_log().last_loss())
+            run.write_status(ended)
         return RunResult(ended.status, ended.steps_done, ended.final_loss, ended.reason, run.path)
     run.prepare(cfg.to_dict(), resume)
 
@@ -109,13 +112,18 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
             checkpoint(trainer, run, log, row, on_checkpoint)
         report.after_step(trainer.step, row)
 
-    if status == COMPLETED and row is not None:
-        evaluate(trainer, run, log, row, final=True)
-    if status == DIVERGED:
-        log.flush()   # no checkpoint of diverged weights
+    if row is None:
+        # nothing trained here: resumed from the final checkpoint (a run killed
+        # after it, before status.json said completed); the loss is the log's
+        final_loss = log.last_loss()
     else:
-        checkpoint(trainer, run, log, row, on_checkpoint)
-    final_loss = row["loss"] if row is not None else None
+        if status == COMPLETED:
+            evaluate(trainer, run, log, row, final=True)
+        if status == DIVERGED:
+            log.flush()   # no checkpoint of diverged weights
+        else:
+            checkpoint(trainer, run, log, row, on_checkpoint)
+        final_loss = row["loss"]
     run.write_status(RunStatus(status, trainer.step, final_loss, reason, trainer.wall_time))
     report.finished(run, status, trainer.step, final_loss, reason)
     return RunResult(status, trainer.step, final_loss, reason, run.path)

@@ -181,6 +181,19 @@ class StepLog:
                 path.unlink()
         remove_stale_temporaries(self.directory)
 
+    def last_loss(self) -> Optional[float]:
+        """The ``loss`` of the newest logged row (buffered or on disk), None without rows."""
+        if self._rows:
+            return self._rows[-1]["loss"]
+        chunks = self.chunks()
+        if not chunks:
+            return None
+        table = pq.read_table(chunks[-1], columns=["step", "loss"])
+        if table.num_rows == 0:
+            return None
+        losses = table.sort_by("step")["loss"]
+        return losses[len(losses) - 1].as_py()
+
     def last_step(self) -> Optional[int]:
         chunks = self.chunks()
         return int(chunks[-1].stem.split("-")[2]) if chunks else None
