@@ -160,3 +160,123 @@ def test_kill_after_the_final_checkpoint_takes_the_final_loss_from_the_log(tmp_p
     # a completed status without a final loss (written by an older version) is repaired from the log
     run.write_status(RunStatus("completed", 10, None))
     assert train(cfg, run).final_loss == logged["loss"].iloc[-1] == run.read_status().final_loss
+
+
+# ---------------------------------------------------------------------------
+# 17.2: the checkpoints and the log disagree
+
+FRESH_HINT = "or start over (eos train --fresh deletes this run's checkpoints and step log)"
+
+
+def short(**train_section):
+    """12 steps, checkpoints every 4, the newest 2 kept, no probe (fast)."""
+    return tiny_config(train={"steps": 12, "checkpoint_every": 4, "keep_checkpoints": 2, **train_section})
+
+
+def killed_at_10(cfg, run_dir):
+    """Checkpoints at 4 and 8, the log holds steps 0–7."""
+    with pytest.raises(Crash):
+        train(cfg, run_dir, on_step=crash_at(10))
+    run = RunDir(run_dir)
+    assert [p.name for p in run.checkpoints()] == ["ckpt-000000004.pt", "ckpt-000000008.pt"]
+    return run
+
+
+class TuneCheckpoint:
+    """What ``tune.get_checkpoint()`` returns, as far as study.trainable.restore_checkpoint uses it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def as_directory(self):
+        import contextlib
+        return contextlib.nullcontext(str(self.folder))
+
+
+def test_no_loadable_checkpoint_stops_with_one_line_and_deletes_nothing(tmp_path, capsys):
+    cfg = short()
+    run = killed_at_10(cfg, tmp_path / "runs" / "base_lr0.001_s0")
+    for p in run.checkpoints():
+        p.write_bytes(b"torn")
+    logged = rows(run)
+    message = (f"{run}: cannot resume: ckpt-000000008.pt does not load; ckpt-000000004.pt does not load; "
+               f"put a checkpoint the log reaches into {run.checkpoint_dir} {FRESH_HINT}")
+    from trainers.run.rundir import RunFolderError
+    with pytest.raises(RunFolderError) as err:
+        train(cfg, run)
+    assert str(err.value) == message
+    capsys.readouterr()
+    assert eos(["train", "--config", write_config(tmp_path, cfg), "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"eos train: {message}"
+    # nothing was deleted or cut
+    assert [p.read_bytes() for p in run.checkpoints()] == [b"torn", b"torn"]
+    assert rows(run).equals(logged) and run.read_status().status == "running"
+
+
+def test_tunes_copy_replaces_unreadable_checkpoints(tmp_path):
+    from study.trainable import restore_checkpoint
+
+    cfg = short()
+    train(cfg, tmp_path / "straight")
+    run = killed_at_10(cfg, tmp_path / "run")
+    tune_copy = tmp_path / "tune"
+    tune_copy.mkdir()
+    (tune_copy / "ckpt-000000008.pt").write_bytes(run.checkpoint_path(8).read_bytes())
+    for p in run.checkpoints():
+        p.write_bytes(b"torn")
+    assert restore_checkpoint(TuneCheckpoint(tune_copy), run) == run.checkpoint_path(8)
+    result = train(cfg, run)
+    assert result.status == "completed" and result.steps_done == 12
+    assert_same_rows(rows(tmp_path / "straight"), rows(run), 12)
+
+
+def test_a_checkpoint_the_log_does_not_reach_is_refused(tmp_path):
+    from study.trainable import restore_checkpoint
+    from trainers.run.rundir import RunFolderError
+
+    cfg = short()
+    run = killed_at_10(cfg, tmp_path / "run")
+    tune_copy = tmp_path / "tune"
+    tune_copy.mkdir()
+    (tune_copy / "ckpt-000000008.pt").write_bytes(run.checkpoint_path(8).read_bytes())
+    # the issue's state: the local checkpoints gone, the log cut back to steps 0–3, Tune's copy at step 8
+    for p in run.checkpoints():
+        p.unlink()
+    run.step_log().truncate_after(3)
+    restore_checkpoint(TuneCheckpoint(tune_copy), run)
+    with pytest.raises(RunFolderError) as err:
+        train(cfg, run)
+    assert str(err.value) == (f"{run}: cannot resume: ckpt-000000008.pt needs logged steps 0–7 but the step "
+                              f"log holds steps 0–3; put a checkpoint the log reaches into {run.checkpoint_dir} {FRESH_HINT}")
+    assert run.read_status().status == "running" and rows(run)["step"].tolist() == [0, 1, 2, 3]
+    assert [p.name for p in run.checkpoints()] == ["ckpt-000000008.pt"]
+
+
+def test_resume_falls_back_to_a_checkpoint_the_log_reaches_and_sets_the_other_aside(tmp_path):
+    cfg = short()
+    train(cfg, tmp_path / "straight")
+    run = killed_at_10(cfg, tmp_path / "run")
+    run.step_log().truncate_after(3)        # the log reaches ckpt-4, not ckpt-8
+    result = train(cfg, run)
+    assert result.status == "completed"
+    assert_same_rows(rows(tmp_path / "straight"), rows(run), 12)
+    assert [p.name for p in run.unused_checkpoint_dir.iterdir()] == ["ckpt-000000008.pt"]   # kept, aside
+    assert [p.name for p in run.checkpoints()] == ["ckpt-000000008.pt", "ckpt-000000012.pt"]
+
+
+def test_a_run_is_never_marked_ended_with_a_gap_in_its_log(tmp_path):
+    from trainers.run.rundir import RunFolderError
+
+    cfg = short()
+    run = RunDir(tmp_path / "run")
+
+    def lose_a_chunk(path, steps_done):
+        if steps_done == 8:
+            (run.steps / "part-000000000-000000003.parquet").unlink()
+
+    with pytest.raises(RunFolderError) as err:
+        train(cfg, run, on_checkpoint=lose_a_chunk)
+    assert str(err.value) == (f"{run}: not marked completed after 12 steps: the step log holds steps 4–11 but steps "
+                              "0–3 missing (part-000000000-000000003.parquet is missing (steps 0–3, 4 rows, "
+                              "listed in _manifest.json))")
+    assert run.read_status().status == "running"

@@ -39,8 +39,8 @@ from trainers.run.data import Batches, load_images
 from trainers.run.optimizers import build_optimizer
 from trainers.run.probing import Probing
 from trainers.run.rng import Purpose, seed_dropout, seed_model_init, step_generator
-from trainers.run.rundir import COMPLETED, DIVERGED, RUNNING, RunDir, RunStatus
-from trainers.run.steplog import StepLog
+from trainers.run.rundir import COMPLETED, DIVERGED, RUNNING, RunDir, RunFolderError, RunStatus
+from trainers.run.steplog import LogCheck, StepLog
 
 #: ``on_step(row)`` after every step: None to go on, or a status to end the
 #: run with (reason "stopped by callback at step N"), or (status, reason).
@@ -87,7 +87,7 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
         trainer.build_sample_metrics(feature_extractor)
     log = run.step_log()
     report = Progress(cfg, cfg.train.print_every > 0 if progress is None else progress)
-    if resume and trainer.resume(run):
+    if resume and trainer.resume(run, log.check()):
         report.resumed(run, trainer.step)
     log.truncate_after(trainer.step - 1)
 
@@ -124,9 +124,18 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
         else:
             checkpoint(trainer, run, log, row, on_checkpoint)
         final_loss = row["loss"]
+    ensure_complete_log(run, log, status, trainer.step)
     run.write_status(RunStatus(status, trainer.step, final_loss, reason, trainer.wall_time))
     report.finished(run, status, trainer.step, final_loss, reason)
     return RunResult(status, trainer.step, final_loss, reason, run.path)
+
+
+def ensure_complete_log(run: RunDir, log: StepLog, status: str, steps_done: int) -> None:
+    """Refuse to mark a run ended unless its log holds steps 0…steps_done−1, each once, intact."""
+    check = log.check()
+    if check.error() or check.reaches != steps_done - 1 or check.last != steps_done - 1:
+        raise RunFolderError(f"{run}: not marked {status} after {steps_done} steps: the step log {check.summary()}"
+                             + (f" ({'; '.join(check.problems)})" if check.problems else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -362,11 +371,14 @@ class Trainer:
         self.variant.load_state_dict(state["variant"])
         self.probing.load_state_dict(state.get("probe"))
 
-    def resume(self, run: RunDir) -> bool:
+    def resume(self, run: RunDir, log: Optional[LogCheck] = None) -> bool:
         """Load the newest readable checkpoint of ``run``; False when there is none.
-        Loaded onto the CPU (:meth:`RunDir.load_checkpoint`); :meth:`load_state_dict`
+        With ``log`` (the run's :meth:`StepLog.check`), the newest one the log
+        reaches (:meth:`RunDir.resumable_checkpoint`, which raises
+        :class:`RunFolderError` when no checkpoint is usable).  Loaded onto
+        the CPU (:meth:`RunDir.load_checkpoint`); :meth:`load_state_dict`
         moves every tensor to its owner's device."""
-        state = run.load_latest_checkpoint()
+        state = run.load_latest_checkpoint() if log is None else run.resumable_checkpoint(log)
         if state is None:
             return False
         self.load_state_dict(state)
