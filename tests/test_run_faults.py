@@ -280,3 +280,47 @@ def test_a_run_is_never_marked_ended_with_a_gap_in_its_log(tmp_path):
                               "0–3 missing (part-000000000-000000003.parquet is missing (steps 0–3, 4 rows, "
                               "listed in _manifest.json))")
     assert run.read_status().status == "running"
+
+
+# ---------------------------------------------------------------------------
+# 17.3: a chunk of the log deleted or damaged
+
+
+def test_resume_over_a_deleted_chunk_goes_back_to_a_checkpoint_before_it(tmp_path):
+    cfg = short()
+    train(cfg, tmp_path / "straight")
+    run = killed_at_10(cfg, tmp_path / "run")
+    (run.steps / "part-000000004-000000007.parquet").unlink()   # the log reaches ckpt-4 only
+    assert train(cfg, run).status == "completed"
+    assert_same_rows(rows(tmp_path / "straight"), rows(run), 12)
+
+
+def test_resume_over_a_truncated_chunk_without_a_checkpoint_before_it_names_it(tmp_path):
+    from trainers.run.rundir import RunFolderError
+
+    cfg = short(keep_checkpoints=1)
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "run", on_step=crash_at(10))
+    run = RunDir(tmp_path / "run")
+    chunk = run.steps / "part-000000004-000000007.parquet"
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    with pytest.raises(RunFolderError) as err:
+        train(cfg, run)
+    assert str(err.value) == (
+        f"{run}: cannot resume: ckpt-000000008.pt needs logged steps 0–7 but the step log holds steps 0–3 "
+        "(part-000000004-000000007.parquet is damaged (Parquet magic bytes not found in footer. Either the file "
+        f"is corrupted or this is not a parquet file.)); put a checkpoint the log reaches into "
+        f"{run.checkpoint_dir} {FRESH_HINT}")
+    assert chunk.stat().st_size == 50 and run.checkpoints() == [run.checkpoint_path(8)]
+
+
+def test_a_completed_run_with_a_deleted_chunk_is_not_returned_as_completed(tmp_path):
+    from trainers.run.rundir import RunFolderError
+
+    cfg = short()
+    train(cfg, tmp_path / "run")
+    run = RunDir(tmp_path / "run")
+    (run.steps / "part-000000004-000000007.parquet").unlink()
+    with pytest.raises(RunFolderError, match="part-000000004-000000007.parquet is missing .*the run is completed "
+                                             r"but its log is not whole \(eos train --fresh"):
+        train(cfg, run)

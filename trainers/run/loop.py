@@ -76,6 +76,10 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
     ended = run.read_status() if resume else None
     if ended is not None and ended.ended:
         run.prepare(cfg.to_dict(), resume=True)  # still refuses a different config
+        problem = run.step_log().check().error()
+        if problem:
+            raise RunFolderError(f"{problem}; the run is {ended.status} but its log is not whole "
+                                 "(eos train --fresh deletes it and trains again)")
         if ended.final_loss is None and ended.steps_done > 0:   # written by an older version: the log's
             ended = replace(ended, final_loss=run.step_log().last_loss())
             run.write_status(ended)
