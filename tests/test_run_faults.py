@@ -324,3 +324,87 @@ def test_a_completed_run_with_a_deleted_chunk_is_not_returned_as_completed(tmp_p
     with pytest.raises(RunFolderError, match="part-000000004-000000007.parquet is missing .*the run is completed "
                                              r"but its log is not whole \(eos train --fresh"):
         train(cfg, run)
+
+
+# ---------------------------------------------------------------------------
+# 17.6: the probe's solver fails, or the curvature is not finite
+
+EIGH_FAILURE = ("linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned or has "
+                "too many repeated eigenvalues (error code: 3).")
+
+
+def inject_probe(monkeypatch, fault):
+    """Wrap SharpnessProbe.measure: ``fault(call, probe, cols)`` runs after each real measurement
+    and may raise or change the columns; records whether each call started warm."""
+    from trainers.curvature.probe import SharpnessProbe
+
+    real, calls = SharpnessProbe.measure, []
+
+    def measure(self, *args, **kwargs):
+        calls.append(bool(self.warm))
+        cols = real(self, *args, **kwargs)
+        return fault(len(calls), self, cols)
+
+    monkeypatch.setattr(SharpnessProbe, "measure", measure)
+    return calls
+
+
+def test_a_solver_failure_is_retried_cold_and_the_run_goes_on(tmp_path, monkeypatch):
+    cfg = probed(train={"steps": 6, "checkpoint_every": 3})
+    train(cfg, tmp_path / "straight")
+
+    def fail_second_call(call, probe, cols):
+        if call == 2:   # the probe at step 2, which starts warm
+            raise torch.linalg.LinAlgError(EIGH_FAILURE)
+        return cols
+
+    calls = inject_probe(monkeypatch, fail_second_call)
+    result = train(cfg, tmp_path / "run")
+    assert result.status == "completed" and result.steps_done == 6
+    assert calls == [False, True, False, True]    # step 0 cold, step 2 warm then cold, step 4 warm
+    df = rows(tmp_path / "run")
+    assert df["step"].tolist() == list(range(6))
+    assert df["lambda_max"].notna().tolist() == [True, False, True, False, True, False]
+    assert df["eig_error"].isna().all()
+
+
+def test_a_solver_that_fails_again_cold_is_recorded_not_a_crash(tmp_path, monkeypatch):
+    cfg = probed(train={"steps": 6, "checkpoint_every": 3})
+
+    def fail_at_step_2(call, probe, cols):
+        if call in (2, 3):   # step 2, warm and cold
+            raise torch.linalg.LinAlgError(EIGH_FAILURE)
+        return cols
+
+    inject_probe(monkeypatch, fail_at_step_2)
+    result = train(cfg, tmp_path / "run")
+    assert result.status == "completed" and result.steps_done == 6 and result.reason is None
+    df = rows(tmp_path / "run")
+    assert df["step"].tolist() == list(range(6))
+    assert df["lambda_max"].notna().tolist() == [True, False, False, False, True, False]
+    assert [v if isinstance(v, str) else None for v in df["eig_error"]] == [None, None, f"LinAlgError: {EIGH_FAILURE} at step 2, also after a cold "
+                                        "start", None, None, None]
+    assert df["loss"].notna().all()
+
+
+def test_non_finite_curvature_is_a_diverged_result(tmp_path, monkeypatch):
+    cfg = probed(train={"steps": 8, "checkpoint_every": 2})
+
+    def nan_from_step_4(call, probe, cols):
+        if call >= 3:   # step 4 (calls 1, 2: steps 0, 2; calls 3, 4: step 4 warm and cold)
+            cols = {**cols, "lambda_max": float("nan")}
+        return cols
+
+    inject_probe(monkeypatch, nan_from_step_4)
+    result = train(cfg, tmp_path / "run")
+    reason = "non-finite curvature (lambda_max nan) at step 4, also after a cold start"
+    assert (result.status, result.steps_done, result.reason) == ("diverged", 5, reason)
+    status = RunDir(tmp_path / "run").read_status()
+    assert (status.status, status.steps_done, status.reason) == ("diverged", 5, reason)
+    df = rows(tmp_path / "run")
+    assert df["step"].tolist() == list(range(5))
+    assert df["eig_error"].iloc[-1] == reason and df["lambda_max"].isna().iloc[-1]
+    assert df["eig_error"].iloc[:-1].isna().all()
+    monkeypatch.undo()
+    again = train(cfg, tmp_path / "run")   # a result: not trained again, no loop
+    assert (again.status, again.steps_done) == ("diverged", 5)

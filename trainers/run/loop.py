@@ -15,9 +15,13 @@ the steps an uninterrupted run would.  The log is flushed right before each
 checkpoint and cut back to the checkpoint on resume: no step is lost or
 written twice.
 
-A NaN/inf loss or gradient, or a loss above ``train.divergence_loss``, ends
-the run with status ``diverged``: a result, recorded like any other (the
-statuses: :mod:`trainers.run.rundir`).
+A NaN/inf loss or gradient, a loss above ``train.divergence_loss``, or a
+non-finite curvature (λ₁ still NaN/inf when the probe retries from a cold
+start) ends the run with status ``diverged``: a result, recorded like any
+other (the statuses: :mod:`trainers.run.rundir`).  A solver failure on a
+healthy run is retried from a cold start, then recorded in the row
+(``eig_error``, null λ) and training goes on
+(:meth:`trainers.run.probing.Probing.measure_or_record`).
 """
 from __future__ import annotations
 
@@ -105,8 +109,9 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
             evaluate(trainer, run, log, row)
         verdict = on_step(row) if on_step else None
         if diverged:
-            status, reason = DIVERGED, (f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} "
-                                        f"at step {row['step']}")
+            status, reason = DIVERGED, trainer.divergence or (
+                f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} at step {row['step']}"
+                + (f"; the probe: {row['eig_error']}" if row.get("eig_error") else ""))
             break
         if verdict:
             status, reason = verdict if isinstance(verdict, tuple) else (
@@ -159,8 +164,11 @@ def train_step(trainer: Trainer) -> tuple[dict, bool]:
     draws = trainer.draws(step)
 
     row = {"step": step, "lr": lr, "threshold": trainer.probing.threshold(lr)}
+    curvature_diverged = None
     if trainer.probing.due(step):
-        row.update(trainer.measure_sharpness(step, lr, draws[0]))
+        columns, curvature_diverged = trainer.probing.measure_or_record(trainer.model, trainer.optimizer, step, lr,
+                                                                        draws[0])
+        row.update(columns)
 
     seed_dropout(cfg.train.seed, step)
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -179,6 +187,8 @@ def train_step(trainer: Trainer) -> tuple[dict, bool]:
     row.update(loss=loss, grad_norm=grad_norm, variant_stats=stats or None)
 
     diverged = not math.isfinite(loss) or loss > cfg.train.divergence_loss or not math.isfinite(grad_norm)
+    trainer.divergence = curvature_diverged if not diverged else None
+    diverged = diverged or curvature_diverged is not None
     if not diverged:
         trainer.optimizer.step()
         trainer.update_ema()
@@ -339,6 +349,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.params)
         self.probing = Probing(cfg, self.variant, self.batches, self.draws, self.device)
         self.sample_metrics = None  # trainers.run.fid.SampleMetrics when eval.every > 0
+        self.divergence: Optional[str] = None   # why the last step diverged, when the curvature said so
         self.step = 0
         self.wall_time = 0.0
 

@@ -21,7 +21,7 @@ table, the analysis and the reports (:data:`STATUS_MEANINGS`):
   ``status.json`` is running too (killed before its first checkpoint);
 * ``completed``: trained to ``train.steps`` — a result;
 * ``diverged``: the loss became NaN/inf or exceeded ``train.divergence_loss``,
-  or an early-stop rule fired — a result;
+  the curvature became NaN/inf, or an early-stop rule fired — a result;
 * ``stopped``: ended early on request (a step callback's verdict, e.g. a
   time budget); not resumed;
 * ``error``: the study gave up on the trial after ``study.max_failures``
@@ -52,7 +52,8 @@ ENDED = (COMPLETED, DIVERGED, STOPPED)     # a run that train() returns without 
 STATUS_MEANINGS = {
     RUNNING: "not finished; resuming continues it from its newest checkpoint",
     COMPLETED: "trained to train.steps (a result)",
-    DIVERGED: "the loss became NaN/inf or exceeded train.divergence_loss, or an early-stop rule fired (a result)",
+    DIVERGED: "the loss became NaN/inf or exceeded train.divergence_loss, the curvature became NaN/inf, "
+              "or an early-stop rule fired (a result)",
     STOPPED: "ended early on request (a step callback, e.g. a time budget); not resumed",
     ERROR: "the study gave up on the trial after study.max_failures retries",
 }

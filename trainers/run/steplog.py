@@ -34,6 +34,8 @@ eig_iters          int64          count    solver iterations of the estimate
 eig_hvps           int64          count    Hessian-vector products the estimate cost (TF32
                                            search products included)
 eig_converged      bool           —        the residual reached the tolerance
+eig_error          string         —        why a probed step has no curvature: the solver's
+                                           error, again after a cold start (else null)
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
 batch_sharpness    float64        loss/θ²  directional curvature gᵀHg/‖g‖² on the training
@@ -97,6 +99,8 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("eig_iters", _I, "count", "solver iterations of the estimate"),
     Column("eig_hvps", _I, "count", "Hessian-vector products the estimate cost (TF32 search products included)"),
     Column("eig_converged", pa.bool_(), "—", "the residual reached the tolerance"),
+    Column("eig_error", pa.string(), "—", "why a probed step has no curvature: the solver's error, again after a "
+                                          "cold start (else null)"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
     Column("batch_sharpness", _F, "loss/θ²", "directional curvature gᵀHg/‖g‖² on the training batch"),
