@@ -408,3 +408,77 @@ def test_non_finite_curvature_is_a_diverged_result(tmp_path, monkeypatch):
     monkeypatch.undo()
     again = train(cfg, tmp_path / "run")   # a result: not trained again, no loop
     assert (again.status, again.steps_done) == ("diverged", 5)
+
+
+# ---------------------------------------------------------------------------
+# 18.1, 18.2, 18.10: eos train with bad input, --fresh, a folder of a failed attempt
+
+TINY_ARGS = ["--set", "data.image_size=16", "--set", "data.synthetic_size=32", "--set", "data.batch_size=8",
+             "--set", "sharpness.every=0", "--set", "train.print_every=0", "--set", "train.device=cpu",
+             "--set", "train.checkpoint_every=2"]
+
+
+def eos_train(out, *extra, capsys):
+    capsys.readouterr()
+    code = eos(["train", "--base", "--lr", "1e-3", "--out", str(out), *TINY_ARGS, *extra])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fresh_with_a_typo_deletes_nothing(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert eos_train(out, "--steps", "4", capsys=capsys)[0] == 0
+    before = snapshot(out)
+    assert any(k.startswith("base_lr0.001_s0/checkpoints/") for k in before)
+    code, err = eos_train(out, "--steps", "4", "--fresh", "--set", "data.name=npz",
+                          "--set", "data.path=nope_typo.npz", capsys=capsys)
+    assert (code, err[-1]) == (2, "eos train: data.path: no such file 'nope_typo.npz'")
+    assert snapshot(out) == before          # the completed run is untouched
+    code, _ = eos_train(out, "--steps", "4", "--fresh", capsys=capsys)   # the corrected command starts over
+    assert code == 0 and RunDir(out / "base_lr0.001_s0").read_status().status == "completed"
+    assert rows(out / "base_lr0.001_s0")["step"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_run_that_never_trained_a_step_does_not_lock_its_folder(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = eos_train(out, "--steps", "4", "--set", "data.name=npz", "--set", "data.path=nope_typo.npz",
+                          capsys=capsys)
+    assert (code, err[-1]) == (2, "eos train: data.path: no such file 'nope_typo.npz'")
+    assert not (out / "base_lr0.001_s0" / "config.json").exists()    # checked before anything was written
+    # an attempt that wrote its config.json but died before its first step (killed, out of memory, ...)
+    cfg = json.loads(json.dumps(run_config(tiny_config(data={"synthetic_size": 32, "batch_size": 8},
+                                                       train={"steps": 4})).to_dict()))
+    with pytest.raises(Crash):
+        train(cfg, out / "base_lr0.001_s0", on_step=crash_at(0))
+    assert (out / "base_lr0.001_s0" / "config.json").exists()
+    code, err = eos_train(out, "--steps", "4", capsys=capsys)      # a different config: not refused
+    assert code == 0 and rows(out / "base_lr0.001_s0")["step"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_trained_run_with_another_config_names_the_flag_and_what_it_deletes(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert eos_train(out, "--steps", "4", "--set", "train.keep_checkpoints=5", capsys=capsys)[0] == 0
+    before = snapshot(out)
+    code, err = eos_train(out, "--steps", "6", "--set", "train.keep_checkpoints=5", capsys=capsys)
+    assert (code, err[-1]) == (2, f"eos train: run_dir: {out / 'base_lr0.001_s0'} holds a run with a different "
+                                  "config (sections differ: train) that has 2 checkpoint(s) and 4 logged step(s); "
+                                  "use another --out folder, or --fresh to delete them and start over")
+    assert snapshot(out) == before
+
+
+def test_a_hessian_batch_larger_than_the_data_is_rejected_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, err = eos_train(out, "--steps", "2", "--set", "sharpness.every=1", "--set", "sharpness.hessian_batch=40",
+                          capsys=capsys)
+    assert (code, err[-1]) == (2, "eos train: sharpness.hessian_batch: 40 is larger than the 32 examples the Hessian "
+                                  "batch is drawn from (the data set's 32 images); set it to at most 32")
+    assert not (out / "base_lr0.001_s0" / "config.json").exists()
+    code, err = eos_train(out, "--steps", "2", "--set", "sharpness.every=1", "--set", "sharpness.hessian_batch=40",
+                          "--set", "data.batching=fixed", "--set", "train.fixed_noise=true", capsys=capsys)
+    assert (code, err[-1]) == (2, "eos train: sharpness.hessian_batch: 40 is larger than the 8 examples the Hessian "
+                                  "batch is drawn from (the fixed training batch, data.batch_size=8); set it to at "
+                                  "most 8")

@@ -88,11 +88,14 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
             ended = replace(ended, final_loss=run.step_log().last_loss())
             run.write_status(ended)
         return RunResult(ended.status, ended.steps_done, ended.final_loss, ended.reason, run.path)
-    run.prepare(cfg.to_dict(), resume)
 
+    # everything that can fail on bad input (data, model, Inception weights)
+    # fails here, before the run folder is touched: a fresh start deletes the
+    # old run only once the new one is about to write
     trainer = Trainer(cfg)
     if cfg.eval.every:
         trainer.build_sample_metrics(feature_extractor)
+    run.prepare(cfg.to_dict(), resume)
     log = run.step_log()
     report = Progress(cfg, cfg.train.print_every > 0 if progress is None else progress)
     if resume and trainer.resume(run, log.check()):
@@ -331,6 +334,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_hessian_batch(cfg: RunConfig, images: int) -> None:
+    """A :class:`ConfigError` when ``sharpness.hessian_batch`` asks for more
+    examples than the Hessian batch is drawn from (``images``, or the fixed
+    training batch of a deterministic objective): the probe would measure a
+    smaller batch than config.json says."""
+    sharp, data = cfg.sharpness, cfg.data
+    if sharp.every == 0:
+        return
+    deterministic = cfg.train.fixed_noise and data.batching != "random"
+    if deterministic and data.batching == "fixed":
+        available, source = data.batch_size, f"the fixed training batch, data.batch_size={data.batch_size}"
+    else:
+        available, source = images, f"the data set's {images} images"
+    if sharp.hessian_batch > available:
+        raise ConfigError(f"sharpness.hessian_batch: {sharp.hessian_batch} is larger than the {available} examples "
+                          f"the Hessian batch is drawn from ({source}); set it to at most {available}")
+
+
 class Trainer:
     """The pieces of one run (model, EMA, variant, data, optimizer, probing);
     :func:`train` drives them.  Exposed so tests and tools (sampling, the
@@ -346,6 +367,7 @@ class Trainer:
         self.schedule = NoiseSchedule.from_config(cfg.schedule)
         self.variant = build_variant(cfg.variant, self.schedule)
         self.batches = Batches(load_images(cfg.data), cfg.data, cfg.train.seed, self.device)
+        check_hessian_batch(cfg, len(self.batches))
         self.optimizer = build_optimizer(cfg.optim, self.params)
         self.probing = Probing(cfg, self.variant, self.batches, self.draws, self.device)
         self.sample_metrics = None  # trainers.run.fid.SampleMetrics when eval.every > 0

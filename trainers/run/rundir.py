@@ -43,7 +43,7 @@ from typing import Optional
 
 from trainers.config import ConfigError
 from trainers.run.atomic import remove_stale_temporaries, write_atomic, write_json_atomic
-from trainers.run.steplog import MANIFEST, LogCheck, StepLog, read_steps
+from trainers.run.steplog import MANIFEST, LogCheck, StepLog, check_log, read_steps
 
 RUNNING, COMPLETED, DIVERGED, STOPPED, ERROR = "running", "completed", "diverged", "stopped", "error"
 STATUSES = (COMPLETED, DIVERGED, STOPPED, RUNNING, ERROR)
@@ -313,16 +313,27 @@ class RunDir:
                 p.unlink()
         self.status_file.unlink(missing_ok=True)
 
+    def trained(self) -> tuple[int, int]:
+        """(checkpoint files, logged steps) of the run here: what a fresh start deletes."""
+        return len(self.checkpoints()), sum(c.rows for c in check_log(self.steps).intact)
+
     def prepare(self, config: dict, resume: bool) -> None:
         """Make the folder ready for a run of ``config``: resuming requires the
-        config already here (if any) to be the same; otherwise the folder is
-        cleared.  Writes ``config.json``."""
+        config already here (if any) to be the same, unless that run never
+        trained a step (no checkpoint, no logged step: nothing to lose, e.g. a
+        first attempt that failed on a typo); otherwise the folder is cleared.
+        Writes ``config.json``."""
         self.path.mkdir(parents=True, exist_ok=True)
         old = self.read_config()
         if resume and old is not None and old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise ConfigError(f"run_dir: {self.path} holds a run with a different config (sections differ: "
-                              f"{', '.join(diff)}); use another run dir or start fresh")
+            checkpoints, steps = self.trained()
+            if checkpoints or steps:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise ConfigError(
+                    f"run_dir: {self.path} holds a run with a different config (sections differ: {', '.join(diff)}) "
+                    f"that has {checkpoints} checkpoint(s) and {steps} logged step(s); use another --out folder, "
+                    "or --fresh to delete them and start over")
+            resume = False
         if not resume and self.has_state():
             self.clear()
         for folder in (self.path, self.checkpoint_dir):
