@@ -482,3 +482,13 @@ def test_a_hessian_batch_larger_than_the_data_is_rejected_before_anything_is_wri
     assert (code, err[-1]) == (2, "eos train: sharpness.hessian_batch: 40 is larger than the 8 examples the Hessian "
                                   "batch is drawn from (the fixed training batch, data.batch_size=8); set it to at "
                                   "most 8")
+
+
+def test_what_counts_as_a_solver_failure():
+    from trainers.run.probing import solver_failure
+
+    assert solver_failure(torch.linalg.LinAlgError(EIGH_FAILURE))
+    # what lobpcg raised on the tiny model at Adam lr 0.3 (every direction vanished)
+    assert solver_failure(RuntimeError("max(): Expected reduction dim to be specified for input.numel() == 0."))
+    assert not solver_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not solver_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))

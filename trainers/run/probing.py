@@ -35,6 +35,18 @@ from trainers.run.rng import Purpose, step_generator
 LossFn = Callable[[], torch.Tensor]
 
 
+def solver_failure(err: BaseException) -> bool:
+    """Whether ``err`` from a measurement is the numerics failing (recorded,
+    the run goes on) rather than the machine (out of memory, a CUDA or cuDNN
+    error: raised)."""
+    if isinstance(err, torch.linalg.LinAlgError):
+        return True
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    text = str(err)
+    return not any(word in text for word in ("CUDA", "cuDNN", "cuBLAS", "out of memory", "NCCL"))
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
@@ -84,8 +96,10 @@ class Probing:
         """:meth:`measure`, never raising for the solver: returns the columns
         and, when the curvature is non-finite, why (the run is diverging).
 
-        A solver failure (``torch.linalg.LinAlgError``, e.g. ``eigh`` on an
-        ill-conditioned Gram matrix) or a non-finite λ is retried once from a
+        A solver failure (:func:`solver_failure`: ``torch.linalg.LinAlgError``,
+        e.g. ``eigh`` on an ill-conditioned Gram matrix, or another
+        ``RuntimeError``/``ValueError`` of the numerics — not running out of
+        memory, not a CUDA error) or a non-finite λ is retried once from a
         cold start (no warm-start vectors).  When the retry fails too, the
         probe columns are null and ``eig_error`` says why; a non-finite λ is
         also returned as the reason, for the loop to end the run ``diverged``."""
@@ -96,8 +110,11 @@ class Probing:
                 self.probe.warm_scale = None
             try:
                 cols = self.measure(model, optimizer, step, lr, train_draw)
-            except torch.linalg.LinAlgError as e:
-                failure, non_finite = f"LinAlgError: {_first_line(e)}", False
+            except (RuntimeError, ValueError) as e:
+                if not solver_failure(e):
+                    raise
+                name = "LinAlgError" if isinstance(e, torch.linalg.LinAlgError) else type(e).__name__
+                failure, non_finite = f"{name}: {_first_line(e)}", False
                 continue
             bad = [c for c in ("lambda_max", "lambda_precond", "ratio") if cols.get(c) is not None
                    and not math.isfinite(cols[c])]
