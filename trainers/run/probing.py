@@ -35,12 +35,13 @@ drawn by the variant's ``hessian_draw``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
 from trainers.config import RunConfig
-from trainers.curvature.probe import SharpnessProbe
+from trainers.curvature.probe import COLUMNS as PROBE_COLUMNS, SharpnessProbe
 from trainers.curvature.thresholds import stability_threshold
 from trainers.diffusion.unet import probe_mode
 from trainers.diffusion.variants.base import Draw
@@ -48,6 +49,23 @@ from trainers.run.data import Batches
 from trainers.run.rng import Purpose, step_generator
 
 LossFn = Callable[[], torch.Tensor]
+
+
+def solver_failure(err: BaseException) -> bool:
+    """Whether ``err`` from a measurement is the numerics failing (recorded,
+    the run goes on) rather than the machine (out of memory, a CUDA or cuDNN
+    error: raised)."""
+    if isinstance(err, torch.linalg.LinAlgError):
+        return True
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    text = str(err)
+    return not any(word in text for word in ("CUDA", "cuDNN", "cuBLAS", "out of memory", "NCCL"))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 class Probing:
@@ -97,6 +115,43 @@ class Probing:
             batch_loss = self.loss(model, train_draw) if self.cfg.sharpness.batch_sharpness else None
             cols = self.probe.measure(model, self.loss(model, draw), optimizer, lr, batch_loss)
         return {**cols, "hessian_batch_id": self.hessian_batch_id}
+
+    def measure_or_record(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float,
+                          train_draw: Draw) -> tuple[dict, Optional[str]]:
+        """:meth:`measure`, never raising for the solver: returns the columns
+        and, when the curvature is non-finite, why (the run is diverging).
+
+        A solver failure (:func:`solver_failure`: ``torch.linalg.LinAlgError``,
+        e.g. ``eigh`` on an ill-conditioned Gram matrix, or another
+        ``RuntimeError``/``ValueError`` of the numerics — not running out of
+        memory, not a CUDA error) or a non-finite λ is retried once from a
+        cold start (no warm-start vectors).  When the retry fails too, the
+        probe columns are null and ``eig_error`` says why; a non-finite λ is
+        also returned as the reason, for the loop to end the run ``diverged``."""
+        failure = None
+        for attempt in ("warm", "cold"):
+            if attempt == "cold":
+                self.probe.warm.clear()
+                self.probe.warm_scale = None
+            try:
+                cols = self.measure(model, optimizer, step, lr, train_draw)
+            except (RuntimeError, ValueError) as e:
+                if not solver_failure(e):
+                    raise
+                name = "LinAlgError" if isinstance(e, torch.linalg.LinAlgError) else type(e).__name__
+                failure, non_finite = f"{name}: {_first_line(e)}", False
+                continue
+            bad = [c for c in ("lambda_max", "lambda_precond", "ratio") if cols.get(c) is not None
+                   and not math.isfinite(cols[c])]
+            if not bad:
+                return cols, None
+            failure, non_finite = f"non-finite curvature ({', '.join(f'{c} {cols[c]}' for c in bad)})", True
+        self.probe.warm.clear()   # start the next probe cold
+        self.probe.warm_scale = None
+        reason = f"{failure} at step {step}, also after a cold start"
+        cols = {c: None for c in PROBE_COLUMNS}
+        cols["eig_error"] = reason
+        return cols, (reason if non_finite else None)
 
     # --- the Hessian batch ----------------------------------------------------
     def loss(self, model: torch.nn.Module, draw: Draw) -> LossFn:
