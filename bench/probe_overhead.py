@@ -16,15 +16,15 @@ ratio to a plain step, and Hessian-vector products per probe.  The settings:
 * ``lobpcg``: both, with the previous warm solver (``sharpness.solver: lobpcg``:
   LOBPCG from the last vectors, every answer checked with float32 products).
 
-Every ``--check-every``-th probed step of each setting, before the update, an
-independent reference solves both operators: scipy's ARPACK (``eigsh``,
+At ``--checks`` probed steps of each setting in ``--check-settings``
+(evenly spaced), before the update, an independent reference solves both operators: scipy's ARPACK (``eigsh``,
 ``which='LA'``, ``tol`` 1e-6) over a plain double-backward Hessian-vector
 product written here (``torch.autograd.grad`` twice, float32 arithmetic,
 TF32 off, none of the project's operators), started from a random vector.
 The table gives the relative error of the probe's λ at those steps and the
 share within 1e-3.  Reference solves are not timed.
 
-    python -m bench.probe_overhead --preset small --batch 128 --device cuda --data .devdata/cifar10-5k-train.npz
+    python -m bench.probe_overhead --preset small --batch 128 --device cuda --data .devdata/cifar10-5k-train.npz --steps 20
 """
 from __future__ import annotations
 
@@ -169,6 +169,14 @@ def timed_step(pb: Problem, probe=None, check: bool = False, seg: Segment = None
     return cols
 
 
+def check_steps(skip: int, steps: int, checks: int) -> set:
+    """``checks`` step indices evenly spaced over [skip, steps)."""
+    if checks <= 0 or steps <= skip:
+        return set()
+    span = steps - skip
+    return {skip + (j * span) // checks for j in range(min(checks, span))}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.probe_overhead", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,7 +188,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--steps", type=int, default=30, help="steps per segment")
     ap.add_argument("--skip", type=int, default=5, help="first steps of each segment left out of the medians")
-    ap.add_argument("--check-every", type=int, default=3, help="reference solve every N-th probed step (0: none)")
+    ap.add_argument("--checks", type=int, default=5, help="reference solves per checked setting, evenly spaced "
+                                                          "over its steps after --skip (0: none)")
+    ap.add_argument("--check-settings", default="precond,both", help="settings whose steps are checked")
     ap.add_argument("--settings", default="precond,both,lobpcg", help=f"comma list of {', '.join(SETTINGS)}")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
@@ -198,13 +208,13 @@ def main(argv=None) -> dict:
     log(f"plain: median step {statistics.median(plain.step_s[args.skip:]) * 1e3:.1f} ms")
     segments = []
     for name in names:
-        run_cfg = run_config(merge(cfg.to_dict() if hasattr(cfg, "to_dict") else _as_dict(cfg),
-                                   {"sharpness": SETTINGS[name]}))
+        run_cfg = run_config(merge(cfg.to_dict(), {"sharpness": SETTINGS[name]}))
         probe = CountedProbe(run_cfg.sharpness, run_cfg.optim)
         seg = Segment(name)
+        checked = check_steps(args.skip, args.steps, args.checks if name in args.check_settings.split(",") else 0)
         for i in range(args.steps):
             before = probe.counter[0]
-            check = args.check_every > 0 and i >= args.skip and (i - args.skip) % args.check_every == 0
+            check = i in checked
             timed_step(pb, probe, check=check, seg=seg)
             seg.products.append(probe.counter[0] - before)
         segments.append(seg)
@@ -244,11 +254,6 @@ def main(argv=None) -> dict:
                                          "within_precond": wp, "within_plain": wh,
                                          "errors": seg.errors, "residual": res}
     return summary
-
-
-def _as_dict(cfg) -> dict:
-    import dataclasses
-    return dataclasses.asdict(cfg)
 
 
 if __name__ == "__main__":
