@@ -9,6 +9,7 @@
                                                    config.json, status.json, checkpoints/, and
                                                    steps -> ../../steps/variant=<v>/trial=<trial_id>
     tune/                                          Ray Tune's experiment (state, results, checkpoints)
+    .driver.lock                                   the running driver (study.lock): host, pid, command
     optuna.journal                                 Optuna studies (search.algorithm: optuna)
     boundary.json                                  the boundary search's brackets and verdicts
                                                    (search.algorithm: boundary; study.boundary)

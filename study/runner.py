@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import pyarrow as pa
 
 from study.layout import StudyLayout
+from study.lock import study_lock
 from study.mps import study_mps
 from study.spec import ResourcesSection, StudySpec, spec_from_dict
 from study.trials import best_trials, collect_trials, status_counts, write_trials
@@ -257,19 +258,33 @@ def run_study(spec: StudySpec, *, address: Optional[str] = None, num_cpus: Optio
 
     ``resume``: when the study folder already holds this very spec, continue
     it (:func:`resume_study`) instead of failing — for batch jobs that are
-    resubmitted until the study is done."""
+    resubmitted until the study is done.  The driver holds the study
+    folder's lock (:mod:`study.lock`) throughout; a second driver is refused."""
+    layout = StudyLayout(spec.study_dir)
+    created = not layout.root.exists()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    try:
+        with study_lock(layout.root):
+            if _existing_study(spec, layout, resume):
+                return _resume_locked(layout, load_study_spec(layout.root), address=address,
+                                      num_cpus=num_cpus, autoscale=autoscale, verbose=verbose)
+            return _run_locked(spec, layout, address=address, num_cpus=num_cpus, autoscale=autoscale,
+                               verbose=verbose)
+    except BaseException:
+        if created:   # failed before writing anything (e.g. resources do not fit): leave no empty folder
+            with contextlib.suppress(OSError):
+                layout.root.rmdir()
+        raise
+
+
+def _run_locked(spec: StudySpec, layout: StudyLayout, *, address, num_cpus, autoscale, verbose) -> StudyOutcome:
     import ray
 
-    layout = StudyLayout(spec.study_dir)
-    if _existing_study(spec, layout, resume):
-        return resume_study(layout.root, address=address, num_cpus=num_cpus, autoscale=autoscale,
-                            verbose=verbose)
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
         started = connect(address, num_cpus)
         try:
             check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
             prepare_data(spec)
-            layout.root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(layout.study_json, _study_record(spec))
             _quiet_tune()
             return _fit(build_tuner(spec, layout, verbose), spec, layout)
@@ -300,12 +315,19 @@ def load_study_spec(root: Path) -> StudySpec:
 def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str] = None,
                  num_cpus: Optional[int] = None, autoscale: bool = False, verbose: int = 1) -> StudyOutcome:
     """Continue an interrupted study: unfinished and errored trials resume
-    from their checkpoints (``Tuner.restore``), the rest start."""
+    from their checkpoints (``Tuner.restore``), the rest start.  Holds the
+    study folder's lock like :func:`run_study`."""
+    layout = StudyLayout(find_study(study_dir_or_name))
+    with study_lock(layout.root):
+        return _resume_locked(layout, load_study_spec(layout.root), address=address, num_cpus=num_cpus, autoscale=autoscale,
+                              verbose=verbose)
+
+
+def _resume_locked(layout: StudyLayout, spec: StudySpec, *, address, num_cpus, autoscale,
+                   verbose) -> StudyOutcome:
     import ray
     from ray import tune
 
-    layout = StudyLayout(find_study(study_dir_or_name))
-    spec = load_study_spec(layout.root)
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
         started = connect(address, num_cpus)
         try:

@@ -216,7 +216,7 @@ def test_a_killed_trial_restarts_from_its_checkpoint_and_logs_each_step_once(fau
     assert first_chunk.is_file() and first_chunk.stat().st_mtime <= marker.stat().st_mtime
 
 
-def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_path):
+def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_path, capsys):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(small_spec(
         study={"name": "intr", "storage": str(tmp_path)},
@@ -235,6 +235,9 @@ def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_
             assert driver.poll() is None, driver.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(0.5)
+        # a second driver on the running study (here `resume`, as an overlapping resubmission) is refused
+        assert cli_main(["study", "resume", str(root), "--verbose", "0"]) == 2
+        assert f"is in use by another driver (pid {driver.pid} " in capsys.readouterr().err
         driver.send_signal(signal.SIGINT)
         output = driver.communicate(timeout=120)[0]
     finally:
@@ -326,6 +329,9 @@ def test_an_interrupted_boundary_study_resumes_its_bracket_without_repeating_tri
             assert driver.poll() is None, driver.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "two trials did not finish in time"
             time.sleep(0.3)
+        # a second driver on the running study (here `resume`, as an overlapping resubmission) is refused
+        assert cli_main(["study", "resume", str(root), "--verbose", "0"]) == 2
+        assert f"is in use by another driver (pid {driver.pid} " in capsys.readouterr().err
         driver.send_signal(signal.SIGINT)
         output = driver.communicate(timeout=120)[0]
     finally:
