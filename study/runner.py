@@ -293,6 +293,43 @@ def _run_locked(spec: StudySpec, layout: StudyLayout, *, address, num_cpus, auto
                 ray.shutdown()   # the trials end before an MPS daemon of this study quits
 
 
+TUNE_STATE_GLOBS = ("experiment_state-*.json", "basic-variant-state-*.json", "tuner.pkl", "searcher-state-*.pkl")
+
+
+def _readable(path: Path) -> bool:
+    import pickle
+
+    try:
+        if path.name.startswith("experiment_state-"):   # JSON; the others are pickles (whatever their suffix)
+            json.loads(path.read_text())
+        elif path.stat().st_size == 0:
+            return False
+        else:
+            with path.open("rb") as f:
+                pickle.load(f)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError):
+        return False
+    except Exception:  # noqa: BLE001 - whole but needs what only Tune's restore sets up: Tune decides
+        return True
+    return True
+
+
+def set_aside_damaged_tune_state(layout: StudyLayout) -> list[Path]:
+    """Rename Tune's unreadable state files (``Tuner.restore`` would fail
+    on them half-way, e.g. a 0-byte ``experiment_state-*.json``) to
+    ``.<name>.damaged``; returns the damaged files (empty: all is well).
+    After this ``Tuner.can_restore`` is false when the experiment state was
+    among them, and a resume rebuilds the trials from the run folders."""
+    damaged = [p for pattern in TUNE_STATE_GLOBS for p in sorted(layout.tune.glob(pattern)) if not _readable(p)]
+    for path in damaged:
+        os.replace(path, path.with_name(f".{path.name}.damaged"))
+    if damaged:   # whatever Tune still has is of the same experiment: set it all aside, restore nothing
+        for pattern in TUNE_STATE_GLOBS:
+            for path in layout.tune.glob(pattern):
+                os.replace(path, path.with_name(f".{path.name}.damaged"))
+    return damaged
+
+
 def find_study(study_dir_or_name: str | os.PathLike, storage: str | os.PathLike = "results") -> Path:
     """A study folder given as a path, or as a name under ``storage``."""
     candidates = [Path(study_dir_or_name), Path(storage) / str(study_dir_or_name)]
@@ -334,12 +371,19 @@ def _resume_locked(layout: StudyLayout, spec: StudySpec, *, address, num_cpus, a
             check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
             prepare_data(spec)
             _quiet_tune()
-            if tune.Tuner.can_restore(str(layout.tune)):
+            damaged = set_aside_damaged_tune_state(layout)
+            if damaged:
+                print(f"[eos] Tune's state in {layout.tune} is damaged ({', '.join(p.name for p in damaged)}: "
+                      "a kill or a full disk while Tune wrote it; set aside as .*.damaged); resuming from "
+                      "the run folders instead: finished trials are reused, unfinished ones continue from "
+                      "their checkpoints", flush=True)
+            if not damaged and tune.Tuner.can_restore(str(layout.tune)):
                 tuner = tune.Tuner.restore(str(layout.tune), trainable=_trainable(_plan(spec, layout)),
                                            resume_unfinished=True, resume_errored=True)
-            else:  # interrupted before Tune saved its state: start over; run folders still resume
-                print(f"[eos] no Tune state in {layout.tune}; starting the trials again "
-                      "(finished run folders are reused)", flush=True)
+            else:  # no (usable) Tune state: start the trials again; the run folders resume them
+                if not damaged:
+                    print(f"[eos] no Tune state in {layout.tune}; starting the trials again "
+                          "(finished run folders are reused)", flush=True)
                 tuner = build_tuner(spec, layout, verbose)
             return _fit(tuner, spec, layout)
         finally:

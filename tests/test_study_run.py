@@ -258,6 +258,36 @@ def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_
         assert_every_step_once(steps, t, 12)
 
 
+def test_a_study_whose_tune_state_was_cut_short_resumes_from_its_run_folders(ray_address, tmp_path, capsys):
+    """A kill or a full disk while Tune writes its state leaves a 0-byte
+    experiment_state-*.json; Tuner.restore would fail on it (JSONDecodeError,
+    then KeyError 'variant').  Resume sets it aside and continues from the run
+    folders: the trial killed at step 3 resumes from its step-2 checkpoint."""
+    marker = tmp_path / "killed"
+    spec = spec_from_dict(small_spec(study={"name": "cut", "storage": str(tmp_path), "max_failures": 0},
+                                     resources={"max_concurrent": 1}, search={"lr": {"grid": [1e-3]}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, f"3:{marker}")
+        first = run_study(spec, verbose=0)
+    assert marker.is_file() and first.errors == 1
+    root = spec.study_dir
+    states = list((root / "tune").glob("experiment_state-*.json"))
+    assert states
+    for state in states:
+        state.write_bytes(b"")
+    capsys.readouterr()
+    outcome = run_study(spec, verbose=0, resume=True)
+    out = capsys.readouterr().out
+    assert f"[eos] Tune's state in {root / 'tune'} is damaged (experiment_state-" in out
+    assert "resuming from the run folders instead" in out
+    assert outcome.complete and outcome.errors == 0
+    assert trials_of(root).loc["base_lr0.001_s0", "status"] == "completed"
+    assert_every_step_once(steps_of(root), "base_lr0.001_s0", 4)
+    assert all((s.parent / f".{s.name}.damaged").is_file() for s in states)
+    chunk = root / "steps/variant=base/trial=base_lr0.001_s0/part-000000000-000000001.parquet"
+    assert chunk.stat().st_mtime <= marker.stat().st_mtime   # steps 0-1 were not trained again
+
+
 # ---------------------------------------------------------------------------
 # the boundary search
 
