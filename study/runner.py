@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from study.mps import study_mps
 from study.spec import ResourcesSection, StudySpec, spec_from_dict
 from study.trials import best_trials, collect_trials, status_counts, write_trials
 from trainers.config import ConfigError
-from trainers.run.atomic import write_json_atomic
+from trainers.run.atomic import NO_SPACE, DiskFull, write_json_atomic
 from trainers.run.rundir import ERROR, RESULTS, trial_id
 
 STUDY_FORMAT = 1
@@ -192,11 +195,75 @@ def _tune_trials(result_grid) -> list[dict]:
 
 
 def finish(spec: StudySpec, layout: StudyLayout, result_grid=None) -> StudyOutcome:
-    """Write ``trials.parquet`` from the run folders (and Tune's errors)."""
+    """Write ``trials.parquet`` from the run folders (and Tune's errors); on
+    a full disk say so in one line and return the table unwritten."""
     tune_trials = _tune_trials(result_grid) if result_grid is not None else []
     table = collect_trials(layout, spec.study.objective, spec.study.variants, tune_trials)
-    write_trials(layout, table)
+    try:
+        write_trials(layout, table)
+    except DiskFull as e:
+        print(f"[eos] the trials table was not written: {e.strerror}", file=sys.stderr, flush=True)
     return StudyOutcome(layout, spec, table)
+
+
+class DiskFullWatch(logging.Filter):
+    """Stops a study whose trial failed on a full disk, with one line instead of tracebacks.
+
+    A filter on the log record by which Tune reports a failed trial task
+    (``Trial task failed for trial ...``, with the exception): when that
+    exception is a :class:`trainers.run.atomic.DiskFull` (or any "no space
+    left on device"), the record is dropped, its one-line message kept in
+    :attr:`message`, and the driver interrupts Tune once (SIGINT, as Ctrl+C:
+    Tune saves its state and the study stays resumable) instead of retrying
+    trials into the same full disk."""
+    # Tune's failed trials; then, same cause, Tune's own state upload and Ray's "unhandled error"
+    # of a trial that failed while Tune was stopping
+    LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray._private.worker")
+
+    def __init__(self):
+        super().__init__()
+        self.message: Optional[str] = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()}\n{error if error is not None else ''}"
+        match = re.search(r"(?:DiskFull: \[Errno 28\] )(" + NO_SPACE + ".*)", text, re.IGNORECASE)
+        if match is None and self.message is None:
+            return True
+        if match is None:   # after the first: drop any other "no space" record too
+            return not re.search(NO_SPACE, text, re.IGNORECASE)
+        if self.message is None:
+            self.message = match.group(1).strip()
+            if threading.current_thread() is threading.main_thread():
+                os.kill(os.getpid(), signal.SIGINT)
+        return False
+
+    @contextlib.contextmanager
+    def installed(self):
+        loggers = [logging.getLogger(name) for name in self.LOGGERS]
+        for logger in loggers:
+            logger.addFilter(self)
+        try:
+            yield self
+        finally:
+            for logger in loggers:
+                logger.removeFilter(self)
+
+
+def _resumable(message: str, layout: StudyLayout) -> DiskFull:
+    """The one line ``eos study run``/``resume`` print for a study stopped by a full disk."""
+    return DiskFull(errno.ENOSPC, f"{message}; the study stopped and can be resumed: free space on that "
+                                  f"file system, then `eos study resume {layout.root}`")
+
+
+def _as_disk_full(error: BaseException, layout: StudyLayout) -> Optional[DiskFull]:
+    """A full disk in the driver itself (Tune's own writes) as one :class:`DiskFull`."""
+    if isinstance(error, DiskFull):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = error.filename or layout.root
+        return DiskFull(errno.ENOSPC, f"{NO_SPACE}: writing {where} failed")
+    return None
 
 
 @contextlib.contextmanager
@@ -217,12 +284,21 @@ def sigterm_as_sigint():
 
 
 def _fit(tuner, spec: StudySpec, layout: StudyLayout) -> StudyOutcome:
+    watch = DiskFullWatch()
     try:
-        with sigterm_as_sigint():
+        with sigterm_as_sigint(), watch.installed():
             result_grid = tuner.fit()
-    except BaseException:
+    except BaseException as e:
         finish(spec, layout)  # keep the table in step with the run folders, whatever happened
+        full = _as_disk_full(e, layout)
+        if full is None and watch.message and isinstance(e, Exception):
+            full = DiskFull(errno.ENOSPC, watch.message)   # e.g. Tune reading back its own cut-short files
+        if full is not None:
+            raise _resumable(full.strerror, layout) from e
         raise
+    if watch.message:   # the failed trials are unfinished (resumable), not errors Tune gave up on
+        finish(spec, layout)
+        raise _resumable(watch.message, layout)
     return finish(spec, layout, result_grid)
 
 

@@ -22,6 +22,9 @@ Test-only fault injection: when the driver's environment has
 ``EOS_STUDY_KILL_AT_STEP=<step>:<marker file>``, the first trial to reach
 ``<step>`` creates the marker and SIGKILLs its own worker process (trials
 that find the marker carry on), to exercise Tune's restart from checkpoint.
+``EOS_STUDY_FULL_DISK_AT_STEP=<step>:<marker file>`` instead makes that
+trial's next checkpoint write fail as on a full disk (a partial file, then
+``ENOSPC``), once.
 """
 from __future__ import annotations
 
@@ -42,23 +45,29 @@ from study.trials import objective_value, trial_row
 from trainers.run.rundir import DIVERGED, RUNNING, RunDir, checkpoint_step
 
 FAULT_ENV = "EOS_STUDY_KILL_AT_STEP"
+FULL_DISK_ENV = "EOS_STUDY_FULL_DISK_AT_STEP"
 
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Kill the worker once, at ``step``, guarded by an atomically created ``marker`` file."""
+    """Inject a fault once, at ``step``, guarded by an atomically created
+    ``marker`` file: ``kill`` the worker, or make the next checkpoint write
+    fail with ``ENOSPC`` (``full_disk``)."""
     step: int
     marker: str
+    kind: str = "kill"
 
     @classmethod
     def from_env(cls) -> Optional["FaultInjection"]:
-        value = os.environ.get(FAULT_ENV)
-        if not value:
-            return None
-        step, _, marker = value.partition(":")
-        if not marker:
-            raise ValueError(f"{FAULT_ENV}: expected <step>:<marker file>; got {value!r}")
-        return cls(int(step), os.path.abspath(marker))
+        for env, kind in ((FAULT_ENV, "kill"), (FULL_DISK_ENV, "full_disk")):
+            value = os.environ.get(env)
+            if not value:
+                continue
+            step, _, marker = value.partition(":")
+            if not marker:
+                raise ValueError(f"{env}: expected <step>:<marker file>; got {value!r}")
+            return cls(int(step), os.path.abspath(marker), kind)
+        return None
 
     def maybe_kill(self, step: int) -> None:
         if step != self.step:
@@ -67,7 +76,27 @@ class FaultInjection:
             os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-        os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            _fail_next_torch_save()
+
+
+def _fail_next_torch_save() -> None:
+    """The next ``torch.save`` in this process writes 64 KB, then fails as on a full disk."""
+    import errno
+
+    import torch
+
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        torch.save = original
+        with open(f, "wb") as out:
+            out.write(b"\0" * 65536)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    torch.save = save
 
 
 @dataclass(frozen=True)

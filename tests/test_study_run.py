@@ -21,7 +21,7 @@ from study.layout import StudyLayout  # noqa: E402
 from study.cli import main as cli_main  # noqa: E402
 from study.runner import run_study  # noqa: E402
 from study.spec import load_spec, spec_from_dict  # noqa: E402
-from study.trainable import FAULT_ENV  # noqa: E402
+from study.trainable import FAULT_ENV, FULL_DISK_ENV  # noqa: E402
 from test_study_spec import small_spec  # noqa: E402
 from trainers.config import ConfigError  # noqa: E402
 
@@ -286,6 +286,45 @@ def test_a_study_whose_tune_state_was_cut_short_resumes_from_its_run_folders(ray
     assert all((s.parent / f".{s.name}.damaged").is_file() for s in states)
     chunk = root / "steps/variant=base/trial=base_lr0.001_s0/part-000000000-000000001.parquet"
     assert chunk.stat().st_mtime <= marker.stat().st_mtime   # steps 0-1 were not trained again
+
+
+def test_a_full_disk_stops_the_study_with_one_clear_line_and_it_resumes(ray_address, tmp_path, capsys):
+    """The first trial's checkpoint after step 2 fails as on a full disk (a
+    partial file, then ENOSPC): the study stops at once (no retries into the
+    full disk), says which file and how much space in one line, removes the
+    partial file, writes the trials table, and `eos study resume` finishes it."""
+    marker = tmp_path / "disk-filled"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(small_spec(
+        study={"name": "full", "storage": str(tmp_path), "max_failures": 2},
+        resources={"max_concurrent": 1}, train={"steps": 6, "checkpoint_every": 2})))
+    root = tmp_path / "full"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FULL_DISK_ENV, f"2:{marker}")
+        assert cli_main(["study", "run", str(spec_path), "--verbose", "0"]) == 1
+    assert marker.is_file(), "the fault was not injected"
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    ckpt = root / "runs/base_lr0.001_s0/checkpoints"   # the first trial (grid order, one at a time)
+    assert line.startswith(f"eos study run: no space left on device: writing {ckpt / 'ckpt-000000004.pt'} "
+                           "failed with "), line
+    assert "it needs about " in line and "(the size of ckpt-000000002.pt)" in line
+    assert line.endswith(f"the study stopped and can be resumed: free space on that file system, then "
+                         f"`eos study resume {root}`")
+    assert "Traceback" not in err
+    assert not list(root.rglob(".*.tmp-*")), "temporary files left behind"
+    trials = trials_of(root)          # written, with the stopped trial unfinished
+    assert trials.loc["base_lr0.001_s0", "status"] == "running"
+    # Tune did not retry the trial into the full disk: one failure only
+    errors = list((root / "tune").glob("base_lr0.001_s0-*/error.txt"))
+    assert len(errors) == 1 and errors[0].read_text().count("Failure #") == 1
+
+    assert cli_main(["study", "resume", str(root), "--verbose", "0"]) == 0   # space again (the marker)
+    trials = trials_of(root)
+    assert len(trials) == 2 and (trials["status"] == "completed").all()
+    steps = steps_of(root)
+    for t in trials.index:
+        assert_every_step_once(steps, t, 6)
 
 
 # ---------------------------------------------------------------------------
