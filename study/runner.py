@@ -67,10 +67,59 @@ class StudyOutcome:
 # Ray
 
 
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _local_token_auth() -> None:
+    """Token authentication for a local instance, set explicitly: unless the
+    user configured Ray's authentication (any of :data:`AUTH_ENV`), a fresh
+    random token for this process and the Ray processes it starts, held in
+    the environment only (no token file is written)."""
+    import secrets
+
+    if any(name in os.environ for name in AUTH_ENV):
+        if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+            print(f"[eos] Ray token authentication is off (RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']})",
+                  flush=True)
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")                       # this process reads its Ray config again, as ray.init would
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While a local instance starts: its node address is the loopback one,
+    so GCS, raylet, object manager and workers listen on 127.0.0.1 only (Ray
+    otherwise picks this machine's network address, and its servers listen
+    on every interface).  Ray's own switch for this (a single-machine
+    "cluster", its default on macOS and Windows) is read once at import;
+    it is set here for this process and, through the environment, for the
+    processes the instance starts."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before_env
+
+
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
-    """Start a local Ray instance (no dashboard) or connect to ``address``;
-    returns whether this call did it (and should shut it down).  An
-    already-initialised Ray (tests, notebooks) is used as it is."""
+    """Start a local Ray instance or connect to ``address``; returns whether
+    this call did it (and should shut it down).  An already-initialised Ray
+    (tests, notebooks) is used as it is.  A local instance has no dashboard,
+    token authentication (:func:`_local_token_auth`) and every port on the
+    loopback address (:func:`_loopback_only`)."""
     import ray
 
     if ray.is_initialized():
@@ -78,8 +127,10 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bo
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True)
+        _local_token_auth()
+        with _loopback_only():
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     logging_level=logging.WARNING, log_to_driver=True)
     return True
 
 
@@ -169,7 +220,6 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
         run_config=tune.RunConfig(
             name=layout.tune.name, storage_path=str(layout.root),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=build_callbacks(spec.trackers, spec.name, layout.root),
             verbose=verbose),
     )
@@ -353,8 +403,16 @@ def run_study(spec: StudySpec, *, address: Optional[str] = None, num_cpus: Optio
         raise
 
 
+def _clean_up_after_a_crash(layout: StudyLayout) -> None:
+    removed = layout.remove_stale_temporaries()
+    if removed:
+        print(f"[eos] removed {removed} temporary file(s) left in {layout.root} by an interrupted write", flush=True)
+
+
 def _run_locked(spec: StudySpec, layout: StudyLayout, *, address, num_cpus, autoscale, verbose) -> StudyOutcome:
     import ray
+
+    _clean_up_after_a_crash(layout)
 
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
         started = connect(address, num_cpus)
@@ -440,6 +498,8 @@ def _resume_locked(layout: StudyLayout, spec: StudySpec, *, address, num_cpus, a
                    verbose) -> StudyOutcome:
     import ray
     from ray import tune
+
+    _clean_up_after_a_crash(layout)
 
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
         started = connect(address, num_cpus)

@@ -8,11 +8,13 @@ resumed study — finds the same folder and the trainer resumes it exactly
 
 Every ``trackers.every`` steps the trial reports the step's measurements to
 Tune (:func:`step_metrics`), which hands them to Tune's loggers and the
-spec's trackers (:mod:`study.trackers`).  Every trainer checkpoint is also
-reported to Tune (``tune.report`` with a
-``Checkpoint`` holding the ``ckpt-*.pt`` file): a retried trial gets it from
-``tune.get_checkpoint()`` and puts it back into the run folder when the
-folder lacks it (e.g. the folder was lost), before the trainer resumes.
+spec's trackers (:mod:`study.trackers`); so does every trainer checkpoint,
+with the metrics only: the checkpoint itself stays in the run folder, the one
+copy a retried or resumed trial resumes from (Tune's copy of each checkpoint
+in ``tune/`` doubled the disk a study uses and the time each checkpoint
+takes).  A study started by an earlier version may still have Tune
+checkpoints: a retried trial gets its newest from ``tune.get_checkpoint()``
+and puts it back into the run folder when the folder lacks one as new.
 
 Divergence is a result: the early-stop rules (:mod:`study.early_stop`)
 return ``("diverged", reason)`` from the trainer's ``on_step`` and the trial
@@ -31,9 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -118,13 +118,6 @@ def restore_checkpoint(checkpoint, run: RunDir) -> Optional[Path]:
         return run.add_checkpoint(files[-1]) if files else None
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _finite_or_none(value) -> Optional[float]:
     return None if value is None or not math.isfinite(value) else float(value)
 
@@ -164,9 +157,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     run = layout.prepare_run_dir(key.variant, key.trial_id)
     cfg = spec.run_config(key.variant, key.lr, key.seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
-    for stale in run.path.glob(".tune-checkpoint-*"):  # left by a worker killed while reporting
-        shutil.rmtree(stale, ignore_errors=True)
-    restore_checkpoint(tune.get_checkpoint(), run)
+    restore_checkpoint(tune.get_checkpoint(), run)   # a study of an earlier version (module docstring)
 
     monitor = DivergenceMonitor(spec.early_stop)
     seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None}
@@ -194,10 +185,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         return (verdict, monitor.reason) if verdict else None
 
     def on_checkpoint(path: Path, steps_done: int) -> None:
-        metrics = step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING), trial=key.trial_id)
-        with tempfile.TemporaryDirectory(dir=run.path, prefix=".tune-checkpoint-") as d:
-            _link_or_copy(path, Path(d) / path.name)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        tune.report(step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING),
+                                 trial=key.trial_id))
 
     train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
     row = trial_row(layout, run, spec.study.objective)

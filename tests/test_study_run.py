@@ -101,6 +101,15 @@ def test_smoke_preset_writes_every_step_of_every_trial(smoke):
     assert spec_from_dict(record["spec"]) == spec
 
 
+def test_every_checkpoint_is_stored_once_in_its_run_folder(smoke):
+    spec, _ = smoke
+    root = spec.study_dir
+    assert not list((root / "tune").rglob("checkpoint_*")), "Tune holds copies of the checkpoints"
+    assert not list((root / "tune").rglob("*.pt"))
+    for run in (root / "runs").iterdir():
+        assert list((run / "checkpoints").glob("ckpt-*.pt")), run
+
+
 def test_report_builds_from_the_smoke_study(smoke, tmp_path):
     from analysis.load import load
     from analysis.report import build_report
@@ -275,9 +284,17 @@ def test_a_study_whose_tune_state_was_cut_short_resumes_from_its_run_folders(ray
     assert states
     for state in states:
         state.write_bytes(b"")
+    # what a crash mid-write leaves besides (writers' hidden temporaries): cleared when the driver starts
+    run = root / "runs/base_lr0.001_s0"
+    stale = [root / ".trials.parquet.tmp-99999", run / ".status.json.tmp-99999",
+             run / "checkpoints/.ckpt-000000004.pt.tmp-99999", run / "steps/.part-000000002-000000003.parquet.tmp-9"]
+    for path in stale:
+        path.write_bytes(b"partial")
     capsys.readouterr()
     outcome = run_study(spec, verbose=0, resume=True)
     out = capsys.readouterr().out
+    assert f"[eos] removed 4 temporary file(s) left in {root} by an interrupted write" in out
+    assert not any(p.exists() for p in stale)
     assert f"[eos] Tune's state in {root / 'tune'} is damaged (experiment_state-" in out
     assert "resuming from the run folders instead" in out
     assert outcome.complete and outcome.errors == 0
