@@ -216,7 +216,8 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
         tune_config=tune.TuneConfig(
             metric=METRIC, mode=spec.mode, search_alg=search_alg, num_samples=num_samples,
             max_concurrent_trials=max_concurrent, trial_name_creator=tune_trial_name,
-            trial_dirname_creator=tune_trial_dirname),
+            trial_dirname_creator=tune_trial_dirname,
+            reuse_actors=True),   # a trial slot keeps its worker process: no start-up and imports per trial
         run_config=tune.RunConfig(
             name=layout.tune.name, storage_path=str(layout.root),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
