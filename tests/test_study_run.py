@@ -391,7 +391,7 @@ def test_boundary_search_under_tune_finds_each_synthetic_boundary(ray_address, t
         assert {t["reason"] for t in entry["trials"] if t["verdict"] == "unstable"} == {"synthetic divergence"}
 
 
-def test_an_interrupted_boundary_study_resumes_its_bracket_without_repeating_trials(ray_address, tmp_path):
+def test_an_interrupted_boundary_study_resumes_its_bracket_without_repeating_trials(ray_address, tmp_path, capsys):
     """A real boundary study (tiny model, Adam; unstable = the loss 20× its first value), stopped with SIGINT
     after two trials and resumed: the bisection goes on from the state file, every lr runs once (one Tune
     trial and one run folder each), and the lrs are the ones an uninterrupted bisection with these verdicts
