@@ -8,7 +8,7 @@
     runs/<trial_id>/                               the trainer's run folder (trainers.run.rundir):
                                                    config.json, status.json, checkpoints/, and
                                                    steps -> ../../steps/variant=<v>/trial=<trial_id>
-    tune/                                          Ray Tune's experiment (state, results, checkpoints)
+    tune/                                          Ray Tune's experiment (state, results; no checkpoints)
     .driver.lock                                   the running driver (study.lock): host, pid, command
     optuna.journal                                 Optuna studies (search.algorithm: optuna)
     boundary.json                                  the boundary search's brackets and verdicts

@@ -7,6 +7,13 @@ runs a :class:`ray.tune.Tuner` over the trials; :func:`resume_study`
 continues an interrupted study with ``Tuner.restore``.  Both end by writing
 ``trials.parquet`` (also after an interruption, with unfinished trials as
 ``running``).  The folder layout is :mod:`study.layout`.
+
+Both hold the study folder's driver lock (:mod:`study.lock`) and, before
+any trial starts, remove temporaries of interrupted writes.  A resume whose
+Tune state is damaged (:func:`set_aside_damaged_tune_state`) continues from
+the run folders instead.  A trial that fails on a full disk stops the study
+as Ctrl+C would (:class:`DiskFullWatch`) and the driver raises one
+:class:`trainers.run.atomic.DiskFull` saying which file and how to resume.
 """
 from __future__ import annotations
 
