@@ -106,3 +106,4 @@ def test_eos_study_run_and_resume_are_refused_while_another_driver_holds_the_stu
     assert err[0].startswith(f"eos study run: study: {root} is in use by another driver (pid {proc.pid} ")
     assert err[1].startswith(f"eos study resume: study: {root} is in use by another driver (pid {proc.pid} ")
     assert "two drivers would train the same trials twice" in err[0]
+
