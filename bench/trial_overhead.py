@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="eos-bench-before-") as tmp:
-        before = run(extract(args.before, Path(tmp)), args, f"before ({args.before} {rev})")
+        name = args.before if rev.startswith(args.before) else f"{args.before} {rev}"
+        before = run(extract(args.before, Path(tmp)), args, f"before ({name})")
     after = run(REPO, args, f"after ({head}{'+changes' if dirty else ''})")
     rows = [before, after]
     print(f"\n{args.trials} trials of the smoke preset, max_concurrent {args.concurrent}, trackers.every "
