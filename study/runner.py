@@ -498,8 +498,8 @@ def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str]
     study folder's lock like :func:`run_study`."""
     layout = StudyLayout(find_study(study_dir_or_name))
     with study_lock(layout.root):
-        return _resume_locked(layout, load_study_spec(layout.root), address=address, num_cpus=num_cpus, autoscale=autoscale,
-                              verbose=verbose)
+        return _resume_locked(layout, load_study_spec(layout.root), address=address, num_cpus=num_cpus,
+                              autoscale=autoscale, verbose=verbose)
 
 
 def _resume_locked(layout: StudyLayout, spec: StudySpec, *, address, num_cpus, autoscale,
