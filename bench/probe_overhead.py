@@ -166,6 +166,8 @@ def timed_step(pb: Problem, probe=None, check: bool = False, seg: Segment = None
             for key, val in ref.items():
                 if cols.get(key) is not None:
                     seg.errors[key].append(abs(cols[key] - val) / abs(val))
+            log(f"{seg.name} step {pb.step - 1}: probe {cols['lambda_precond']} / {cols['lambda_max']}, "
+                f"errors {[round(seg.errors[k][-1], 7) for k in ref if seg.errors[k]]}, {cols['eig_hvps']} products")
     return cols
 
 
@@ -206,21 +208,6 @@ def main(argv=None) -> dict:
     for _ in range(args.steps):
         timed_step(pb, seg=plain)
     log(f"plain: median step {statistics.median(plain.step_s[args.skip:]) * 1e3:.1f} ms")
-    segments = []
-    for name in names:
-        run_cfg = run_config(merge(cfg.to_dict(), {"sharpness": SETTINGS[name]}))
-        probe = CountedProbe(run_cfg.sharpness, run_cfg.optim)
-        seg = Segment(name)
-        checked = check_steps(args.skip, args.steps, args.checks if name in args.check_settings.split(",") else 0)
-        for i in range(args.steps):
-            before = probe.counter[0]
-            check = i in checked
-            timed_step(pb, probe, check=check, seg=seg)
-            seg.products.append(probe.counter[0] - before)
-        segments.append(seg)
-        log(f"{name}: median step {statistics.median(seg.step_s[args.skip:]) * 1e3:.1f} ms, "
-            f"{statistics.fmean(seg.products[args.skip:]):.1f} products per probe")
-
     def med(xs):
         return statistics.median(xs) if xs else float("nan")
 
@@ -233,9 +220,17 @@ def main(argv=None) -> dict:
     print("| setting | step ms | × plain step | products per probe | λ₁(P⁻¹H) err: median / max / ≤1e-3 "
           "| λ₁(H) err: median / max / ≤1e-3 | residual median | TF32 check median |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — |")
+    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — |", flush=True)
     summary = {"plain_ms": base * 1e3, "settings": {}}
-    for seg in segments:
+    for name in names:   # each setting's row is printed as soon as it is measured
+        run_cfg = run_config(merge(cfg.to_dict(), {"sharpness": SETTINGS[name]}))
+        probe = CountedProbe(run_cfg.sharpness, run_cfg.optim)
+        seg = Segment(name)
+        checked = check_steps(args.skip, args.steps, args.checks if name in args.check_settings.split(",") else 0)
+        for i in range(args.steps):
+            before = probe.counter[0]
+            timed_step(pb, probe, check=i in checked, seg=seg)
+            seg.products.append(probe.counter[0] - before)
         t = med(seg.step_s[args.skip:])
         prods = statistics.fmean(seg.products[args.skip:]) if seg.products[args.skip:] else float("nan")
 
@@ -249,7 +244,8 @@ def main(argv=None) -> dict:
         eh, wh = err("lambda_max")
         res = med([r for r in seg.residuals[args.skip:] if r is not None])
         chk = f"{med(seg.checks):.1e}" if seg.checks else "—"
-        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} | {ep} | {eh} | {res:.1e} | {chk} |")
+        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} | {ep} | {eh} | {res:.1e} | {chk} |",
+              flush=True)
         summary["settings"][seg.name] = {"step_ms": t * 1e3, "ratio": t / base, "products": prods,
                                          "within_precond": wp, "within_plain": wh,
                                          "errors": seg.errors, "residual": res}
