@@ -64,10 +64,10 @@ class DataConfig:
     name: str = "synthetic"
     path: Optional[str] = None          # npz file, imagefolder root, or cifar10 download dir
     subset: Optional[int] = None        # fixed-size subset of the training set (EoS studies: 5000)
-    image_size: int = 32
+    image_size: int = 16                # the built-in default is CPU-sized: see eos train --help
     channels: int = 3
     flip: bool = True
-    batch_size: int = 128
+    batch_size: int = 16
     batching: str = "random"
     synthetic_size: int = 512           # number of generated images for ``synthetic``
     download: bool = True               # cifar10: download into ``path`` when missing
@@ -177,7 +177,7 @@ class SharpnessConfig:
     examples (fixed x₀, t/σ and noise, dropout off).
     """
     every: int = 1
-    hessian_batch: int = 128
+    hessian_batch: int = 8
     block_size: int = 2          # LOBPCG block size k >= 2
     topk: int = 1                # eigenvalues recorded (<= block_size)
     tol: float = 1e-2            # relative residual ||Hv - λv|| / |λ| to stop (λ error <~ tol²: bench/RESULTS.md)
@@ -242,14 +242,14 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     """The loop: length, seed, precision, EMA, checkpoints, logging."""
-    steps: int = 100
+    steps: int = 20
     seed: int = 0
     device: str = "auto"          # auto: cuda when available, else cpu
     bf16: bool = False            # bf16 autocast for the training step (CUDA)
     ema_decay: float = 0.999
-    checkpoint_every: int = 50    # also flushes the Parquet log
+    checkpoint_every: int = 10    # also flushes the Parquet log
     keep_checkpoints: int = 2
-    print_every: int = 10         # progress line (0: quiet)
+    print_every: int = 10         # progress line every N steps, and after every step slower than 1 s (0: quiet)
     fixed_noise: bool = False     # same t/σ and noise every step (deterministic objective)
     divergence_loss: float = 1e6  # a loss above this (or NaN/inf) ends the run as diverged
 

@@ -4,13 +4,15 @@ Keeps the reference repository's flags: ``--base --edm --vparam --snr --pd
 --adap_s --stf`` choose variants (several at once run one trial each) and
 ``--lr`` the learning rate(s); without ``--lr`` the sweep 1e-3, 5e-4, 1e-4
 runs.  Everything else comes from ``--config FILE`` (YAML/JSON, a RunConfig
-mapping) and ``--set section.key=value`` overrides, in that order.
+mapping; a study spec's run sections are used, the rest ignored) and
+``--set section.key=value`` overrides, in that order.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -44,6 +46,24 @@ def load_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path!r} must hold a mapping")
     return data
+
+
+#: measured cost of the built-in default trial (bench/RESULTS.md, "default single trial")
+DEFAULT_TRIAL_COST = ("on a 2-core CPU: first step after ~9 s, done in ~55 s "
+                      "(CPU time of one thread; more when the machine is busy)")
+
+
+def defaults_text() -> str:
+    """What a run without --config trains, read from trainers/config.py's defaults."""
+    cfg = run_config()
+    sharp = cfg.sharpness
+    return textwrap.fill(f"Without --config a trial uses the built-in default (trainers/config.py): the {cfg.model.preset} "
+            f"U-Net, {cfg.data.name} {cfg.data.image_size} px images, batch {cfg.data.batch_size}, "
+            f"{cfg.optim.name}, {cfg.train.steps} steps, λ₁ of the preconditioned Hessian "
+            f"{'every step' if sharp.every == 1 else f'every {sharp.every} steps'} on a frozen batch of {sharp.hessian_batch} examples"
+            f"{' (plus plain λ₁(H))' if sharp.plain_lambda else ''}; {DEFAULT_TRIAL_COST}. "
+            f"Larger runs: --config FILE (e.g. examples/my-run.yaml, or a study preset such as "
+            f"study/presets/paper.yaml, whose run sections are used) and --set.", 79)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,7 +152,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train single trials (one per variant × lr)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, epilog=defaults_text(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.set_defaults(func=run_train)
     p = subparsers.add_parser("sample", help="draw a sample grid from a run's EMA weights")
@@ -142,7 +163,7 @@ def register(subparsers) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.run.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=defaults_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
 
