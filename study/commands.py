@@ -38,8 +38,17 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"eos study run: invalid spec: {e}", file=sys.stderr)
         return 2
+    misfit = None
+    if not args.address:   # this machine runs the trials: one trial must fit on it (GPUs, CPUs)
+        try:
+            check_local_resources(spec, args.num_cpus)
+        except ConfigError as e:
+            misfit = str(e)
     if args.dry_run:
-        return _print_plan(spec)
+        return _print_plan(spec, misfit)
+    if misfit:
+        print(f"eos study run: {misfit}", file=sys.stderr)
+        return 2
     from study.runner import run_study, summary
 
     try:
@@ -50,6 +59,23 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     print(summary(outcome), flush=True)
     return 0 if outcome.complete and not outcome.errors else 1
+
+
+def check_local_resources(spec, num_cpus=None) -> None:
+    """Fail when one trial of ``spec`` does not fit on this machine (the
+    local Ray instance gets its GPUs and ``num_cpus`` or all its CPUs)."""
+    import os
+
+    import torch
+
+    from study.runner import check_resources
+    from trainers.run.preflight import check_device
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    key = spec.study
+    check_device(spec.run_config(key.variants[0], 1e-3, key.seeds[0]))   # an explicit train.device: cuda
+    node = {"Alive": True, "Resources": {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}}
+    check_resources(spec.resources, [node], cluster=False)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -66,8 +92,16 @@ def _resume(args: argparse.Namespace) -> int:
     return 0 if outcome.complete and not outcome.errors else 1
 
 
-def _print_plan(spec) -> int:
+def _print_plan(spec, misfit=None) -> int:
+    """The dry run: what would run (``misfit``: why one trial cannot run on this machine)."""
+    from trainers.config import ConfigError
+
+    if misfit and "train.device" in misfit:
+        print(f"eos study run: {misfit}", file=sys.stderr)
+        return 2
     print(f"study {spec.name} -> {spec.study_dir}")
+    if misfit:
+        print(f"  not on this machine: {misfit}")
     at_most = "at most " if spec.search.algorithm == "boundary" else ""
     print(f"  {at_most}{spec.num_trials()} trials, search {spec.search.algorithm}, objective {spec.study.objective} "
           f"({spec.mode}), {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial, "

@@ -185,6 +185,9 @@ def _tune_trials(result_grid) -> list[dict]:
         if not {"variant", "lr", "seed"} <= set(c):
             continue
         error = None if result.error is None else _error_line(result.error)
+        metrics = result.metrics or {}
+        if error is None and metrics.get("status") == ERROR:   # bad input, not retried (study.trainable)
+            error = str(metrics.get("reason") or "error")
         out.append({"trial_id": trial_id(c["variant"], c["lr"], c["seed"]), "variant": c["variant"],
                     "lr": c["lr"], "seed": c["seed"], "error": error})
     return out
@@ -354,6 +357,9 @@ def summary(outcome: StudyOutcome) -> str:
     for row in best_trials(table, spec.mode):
         lines.append(f"[eos]   best {row['variant']}: lr={row['lr']:g} seed={row['seed']} "
                      f"{spec.study.objective}={row['objective']:.4g} ({row['status']})")
+    for row in table.to_pylist():
+        if row["status"] == ERROR:
+            lines.append(f"[eos]   error {row['trial_id']}: {row['reason']}")
     lines.append(f"[eos] trials: {outcome.layout.trials_table}")
     lines.append(f"[eos] steps:  {outcome.layout.steps}  (pandas.read_parquet)")
     if not outcome.complete:

@@ -14,6 +14,11 @@ reported to Tune (``tune.report`` with a
 ``tune.get_checkpoint()`` and puts it back into the run folder when the
 folder lacks it (e.g. the folder was lost), before the trainer resumes.
 
+Bad input (a :class:`trainers.config.ConfigError`: data, Inception weights,
+device; :mod:`trainers.run.preflight`) ends the trial without raising, with a
+last result ``status: error`` and its ``reason``: Tune does not retry it
+(it would fail the same way) and the trials table shows the reason.
+
 Divergence is a result: the early-stop rules (:mod:`study.early_stop`)
 return ``("diverged", reason)`` from the trainer's ``on_step`` and the trial
 ends normally with that status and reason.
@@ -39,7 +44,7 @@ from study.early_stop import DivergenceMonitor
 from study.layout import StudyLayout
 from study.spec import StudySpec, TrialKey
 from study.trials import objective_value, trial_row
-from trainers.run.rundir import DIVERGED, RUNNING, RunDir, checkpoint_step
+from trainers.run.rundir import DIVERGED, ERROR, RUNNING, RunDir, checkpoint_step
 
 FAULT_ENV = "EOS_STUDY_KILL_AT_STEP"
 
@@ -126,7 +131,9 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     import torch
     from ray import tune
 
+    from trainers.config import ConfigError
     from trainers.run.loop import train
+    from trainers.run.preflight import check_run_inputs
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per checkpoint
     spec = plan.spec
@@ -170,7 +177,13 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
             _link_or_copy(path, Path(d) / path.name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
+    try:   # bad input fails the same way on every attempt: end the trial as an error, not retried by Tune
+        check_run_inputs(cfg)
+        train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
+    except ConfigError as err:
+        tune.report({**step_metrics(None, 0, status=ERROR, objective=objective(ERROR), trial=key.trial_id),
+                     "reason": str(err)})
+        return
     row = trial_row(layout, run, spec.study.objective)
     last = seen["row"]  # the last step's measurements, unless its cadence report already carried them
     last = None if last is None or last["step"] == seen["reported"] else last

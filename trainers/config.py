@@ -16,6 +16,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 
@@ -388,3 +389,25 @@ def merge(base: dict, override: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def read_yaml(path, what: str):
+    """The YAML (or JSON) document of ``path``; a ConfigError naming the file
+    and line when it does not parse, or the file cannot be read."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what}: cannot read {str(path)!r} ({type(err).__name__})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            problem += f", {context} from line {start.line + 1}"
+        raise ConfigError(f"{what}: {where}: invalid YAML ({problem})") from None

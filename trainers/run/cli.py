@@ -10,6 +10,7 @@ mapping; a study spec's run sections are used, the rest ignored) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import textwrap
@@ -17,11 +18,14 @@ from pathlib import Path
 
 import yaml
 
-from trainers.config import ConfigError, merge, run_config
+from trainers.config import ConfigError, RunConfig, merge, read_yaml, run_config
 from trainers.diffusion.variants import VARIANTS
+from trainers.run.preflight import check_run_inputs
 from trainers.run.rundir import RunDir, trial_id
 
 DEFAULT_LRS = (1e-3, 5e-4, 1e-4)
+#: the RunConfig sections (what --config takes from a study spec)
+RUN_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def parse_override(text: str) -> dict:
@@ -34,7 +38,11 @@ def parse_override(text: str) -> dict:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
     return out
 
 
@@ -42,9 +50,14 @@ def load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: no such file {path!r}")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml(p, "--config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path!r} must hold a mapping")
+    if "study" in data:   # a study spec (study/presets/*.yaml): its run sections, its optimizer
+        optimizer = (data.get("study") or {}).get("optimizer")
+        data = {k: v for k, v in data.items() if k in RUN_SECTIONS}
+        if optimizer:
+            data = merge(data, {"optim": {"name": optimizer}})
     return data
 
 
@@ -99,6 +112,8 @@ def run_train(args: argparse.Namespace) -> int:
             for lr in lrs:
                 cfg = run_config(merge(base, {"variant": {"name": variant}, "optim": {"lr": lr}}))
                 configs.append(cfg)
+        for cfg in configs:   # the data, Inception weights and device, before any run folder is touched
+            check_run_inputs(cfg)
     except ConfigError as e:
         print(f"eos train: invalid config: {e}", file=sys.stderr)
         return 2
@@ -116,11 +131,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder written by eos train")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--n", type=positive_int, default=64, help="number of images")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "heun", "dpmpp2m"], help="default: the run's eval.sampler")
-    p.add_argument("--sampler-steps", type=int, help="default: the run's eval.sampler_steps")
+    p.add_argument("--sampler-steps", type=positive_int, help="default: the run's eval.sampler_steps")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/samples/final-<sampler>.png)")
 
 
@@ -129,16 +155,24 @@ def run_sample(args: argparse.Namespace) -> int:
     from trainers.diffusion.samplers import save_grid
 
     run = RunDir(args.run_dir)
-    cfg_dict = run.read_config()
+    try:
+        cfg_dict = run.read_config()
+    except (OSError, ValueError) as err:   # a damaged config.json
+        print(f"eos sample: {run / 'config.json'} is not readable ({type(err).__name__})", file=sys.stderr)
+        return 2
     if cfg_dict is None:
         print(f"eos sample: {run} has no config.json (not a run folder)", file=sys.stderr)
         return 2
     if args.sampler:
         cfg_dict["eval"]["sampler"] = args.sampler
-    if args.sampler_steps:
+    if args.sampler_steps is not None:
         cfg_dict["eval"]["sampler_steps"] = args.sampler_steps
     cfg_dict["sharpness"]["every"] = 0
-    trainer = Trainer(run_config(cfg_dict))
+    try:
+        trainer = Trainer(run_config(cfg_dict))
+    except ConfigError as err:
+        print(f"eos sample: {err}", file=sys.stderr)
+        return 2
     if not trainer.resume(run):   # sharpness.every = 0: the checkpoint's probe state is ignored
         print(f"eos sample: {run} has no checkpoint yet", file=sys.stderr)
         return 2
