@@ -160,8 +160,11 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the local Ray instance (default: all); ignored with --address")
     p.add_argument("--autoscale", action="store_true",
                    help="on a cluster, do not fail when no node fits a trial yet (the autoscaler adds nodes)")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
-                   help="Tune's progress output: 0 silent, 1 status table (default), 2 every result")
+    p.add_argument("--verbose", type=int, nargs="?", const=1, default=None, choices=(0, 1, 2),
+                   help="default (no --verbose): one concise progress line per trial start/end and every 10 s "
+                        "(trials done/running/diverged, steps/s, ETA, λ₁/threshold per running trial), Ray's "
+                        "own messages off; --verbose (= 1): Ray Tune's status table, Ray's warnings and the "
+                        "trials' own output; 2: every result; 0: silent")
 
 
 def register(subparsers) -> None:

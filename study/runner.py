@@ -63,20 +63,33 @@ class StudyOutcome:
 # Ray
 
 
-def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet: bool = False) -> bool:
     """Start a local Ray instance (no dashboard) or connect to ``address``;
     returns whether this call did it (and should shut it down).  An
-    already-initialised Ray (tests, notebooks) is used as it is."""
+    already-initialised Ray (tests, notebooks) is used as it is.  ``quiet``:
+    Ray logs errors only and the trials' own output stays in their log files
+    (the study's progress view speaks for them)."""
     import ray
 
     if ray.is_initialized():
         return False
+    level = logging.ERROR if quiet else logging.WARNING
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=level, log_to_driver=not quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=level, log_to_driver=not quiet)
     return True
+
+
+def _quiet_ray(quiet: bool) -> None:
+    from study.progress import quiet_ray
+
+    quiet_ray(quiet)
+
+
+def _quiet(verbose: Optional[int]) -> bool:
+    """``verbose`` None: the eos progress view; 0: nothing; 1, 2: Tune's own output and Ray's messages."""
+    return verbose is None or verbose == 0
 
 
 def check_resources(resources: ResourcesSection, nodes: Sequence[dict], *, cluster: bool,
@@ -148,12 +161,20 @@ def _quiet_tune() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
+def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: Optional[int] = None):
+    """The Tuner of a study.  ``verbose``: None — the concise progress view
+    (:class:`study.progress.ProgressView`) and Tune silent; 0 — silent;
+    1, 2 — Tune's status table / every result."""
     from ray import tune
 
+    from study.progress import ProgressView
     from study.search import METRIC, build_search
     from study.trackers import build_callbacks
 
+    callbacks = build_callbacks(spec.trackers, spec.name, layout.root)
+    if verbose is None:
+        first = spec.run_config(spec.study.variants[0], 1e-3, spec.study.seeds[0])
+        callbacks = [*(callbacks or []), ProgressView(spec.num_trials(), first.train.steps)]
     param_space, search_alg, num_samples, max_concurrent = build_search(spec, layout)
     return tune.Tuner(
         _trainable(_plan(spec, layout)),
@@ -166,8 +187,8 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
             name=layout.tune.name, storage_path=str(layout.root),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=build_callbacks(spec.trackers, spec.name, layout.root),
-            verbose=verbose),
+            callbacks=callbacks,
+            verbose=0 if verbose is None else verbose),
     )
 
 
@@ -255,7 +276,7 @@ def _existing_study(spec: StudySpec, layout: StudyLayout, resume: bool) -> bool:
 
 
 def run_study(spec: StudySpec, *, address: Optional[str] = None, num_cpus: Optional[int] = None,
-              autoscale: bool = False, verbose: int = 1, resume: bool = False) -> StudyOutcome:
+              autoscale: bool = False, verbose: Optional[int] = None, resume: bool = False) -> StudyOutcome:
     """Run every trial of ``spec``; returns the outcome with the trials table.
 
     ``resume``: when the study folder already holds this very spec, continue
@@ -268,7 +289,8 @@ def run_study(spec: StudySpec, *, address: Optional[str] = None, num_cpus: Optio
         return resume_study(layout.root, address=address, num_cpus=num_cpus, autoscale=autoscale,
                             verbose=verbose)
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
-        started = connect(address, num_cpus)
+        started = connect(address, num_cpus, quiet=_quiet(verbose))
+        _quiet_ray(_quiet(verbose))
         try:
             check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
             prepare_data(spec)
@@ -301,7 +323,8 @@ def load_study_spec(root: Path) -> StudySpec:
 
 
 def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str] = None,
-                 num_cpus: Optional[int] = None, autoscale: bool = False, verbose: int = 1) -> StudyOutcome:
+                 num_cpus: Optional[int] = None, autoscale: bool = False,
+                 verbose: Optional[int] = None) -> StudyOutcome:
     """Continue an interrupted study: unfinished and errored trials resume
     from their checkpoints (``Tuner.restore``), the rest start."""
     import ray
@@ -310,7 +333,8 @@ def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str]
     layout = StudyLayout(find_study(study_dir_or_name))
     spec = load_study_spec(layout.root)
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
-        started = connect(address, num_cpus)
+        started = connect(address, num_cpus, quiet=_quiet(verbose))
+        _quiet_ray(_quiet(verbose))
         try:
             check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
             prepare_data(spec)

@@ -147,7 +147,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     restore_checkpoint(tune.get_checkpoint(), run)
 
     monitor = DivergenceMonitor(spec.early_stop)
-    seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None}
+    seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None, "latest_ratio": None}
 
     def objective(status: str) -> float:
         return objective_value(spec.study.objective, status, key.lr, seen["loss"], seen["fid"])
@@ -158,6 +158,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
             monitor.replay(history[history["step"] < row["step"]].to_dict("records"))
             seen["primed"] = True
         seen["loss"], seen["row"] = row.get("loss"), row
+        if _finite_or_none(row.get("ratio")) is not None:
+            seen["latest_ratio"] = float(row["ratio"])
         if row.get("fid") is not None:
             seen["fid"] = row["fid"]
         if plan.fault is not None:
@@ -173,6 +175,9 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 
     def on_checkpoint(path: Path, steps_done: int) -> None:
         metrics = step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING), trial=key.trial_id)
+        latest = seen["latest_ratio"]
+        if latest is not None:   # for the driver's progress view (study.progress), not a step metric
+            metrics["latest_ratio"] = latest
         with tempfile.TemporaryDirectory(dir=run.path, prefix=".tune-checkpoint-") as d:
             _link_or_copy(path, Path(d) / path.name)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
