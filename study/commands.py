@@ -100,6 +100,9 @@ def _print_plan(spec, misfit=None) -> int:
         print(f"eos study run: {misfit}", file=sys.stderr)
         return 2
     print(f"study {spec.name} -> {spec.study_dir}")
+    existing = _existing_folder(spec)
+    if existing:
+        print(f"  {existing}")
     if misfit:
         print(f"  not on this machine: {misfit}")
     at_most = "at most " if spec.search.algorithm == "boundary" else ""
@@ -128,6 +131,38 @@ def _print_plan(spec, misfit=None) -> int:
             for s in spec.study.seeds:
                 print(f"  {v} seed {s}: {spec.search.num_samples} TPE trials, lr in [{low:g}, {high:g}] (log)")
     return 0
+
+
+def _existing_folder(spec) -> str | None:
+    """What the dry run says about a study folder that already exists (None: it does not)."""
+    import json
+
+    from study.layout import StudyLayout
+
+    layout = StudyLayout(spec.study_dir)
+    if not layout.root.exists():
+        return None
+    if not layout.study_json.is_file():
+        return f"the folder {layout.root} exists but holds no study (study.json); the run will use it"
+    try:
+        stored = json.loads(layout.study_json.read_text()).get("spec")
+    except (OSError, ValueError):
+        return f"the folder {layout.root} exists, its study.json is not readable: choose another --name"
+    if stored != spec.to_dict():
+        return (f"the folder {layout.root} already holds a study {spec.name!r} with a different spec: "
+                "`eos study run` will refuse; choose another --name")
+    done = 0
+    for run in layout.run_dirs():
+        try:
+            done += bool((run.read_status() or _NotEnded).ended)
+        except (OSError, ValueError, KeyError, TypeError):   # a damaged status.json: not counted
+            pass
+    return (f"the folder {layout.root} already holds this study ({done} trial(s) ended): "
+            f"`eos study run ... --resume` or `eos study resume {layout.root}` continues it")
+
+
+class _NotEnded:
+    ended = False
 
 
 def _print_boundary_plan(spec) -> None:
@@ -180,7 +215,8 @@ def register(subparsers) -> None:
                      help="override a spec value, e.g. --set train.steps=200 --set 'search.lr.grid=[1e-3]'")
     run.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
     run.add_argument("--resume", action="store_true",
-                     help="if the study folder already holds this spec, continue it (for resubmitted batch jobs)")
+                     help="if the study folder already holds this spec, continue it (done trials are kept), "
+                          "else start it: the same command can run again (the README's, resubmitted batch jobs)")
     _add_cluster_arguments(run)
     run.set_defaults(func=_run)
 
