@@ -17,9 +17,10 @@ The trainer writes its log into ``run_dir/steps``; that folder is a
 relative symlink to the trial's partition, so the log is written once,
 directly into the dataset, with the trainer's own atomic chunk writes and
 resume truncation (no copy that could lag behind or duplicate steps).
-Partition folders hold only ``part-*.parquet`` files (temporary files start
-with ``.`` and are ignored by pyarrow), so the dataset is readable at any
-time, also while a study runs.
+Partition folders hold only ``part-*.parquet`` files and the log's
+``_manifest.json`` (temporary files start with ``.``, the manifest with
+``_``: pyarrow ignores both), so the dataset is readable at any time, also
+while a study runs.
 
 Multi-node clusters need the study folder on a file system every node
 mounts at the same path (see clusters/README.md).

@@ -175,7 +175,8 @@ class SharpnessConfig:
 
     ``every``: probe every N steps (1: every step, 0: off).  The Hessian is
     taken of the variant's loss on a frozen batch of ``hessian_batch``
-    examples (fixed x₀, t/σ and noise, dropout off).
+    examples (fixed x₀, t/σ and noise, dropout off) that follows the
+    variant's current objective (:mod:`trainers.run.probing`).
     """
     every: int = 1
     hessian_batch: int = 8

@@ -110,12 +110,21 @@ class SharpnessProbe:
                 "generator": self.generator.get_state(), "probes": self.probes}
 
     def load_state_dict(self, state: dict) -> None:
-        self.warm = {k: v.clone() for k, v in state.get("warm", {}).items()}
+        """Restore :meth:`state_dict`; tensors may come on any device (they are
+        kept on the CPU: the warm-start blocks move to the operator's device at
+        the next solve, the generator is a CPU generator)."""
+        self.warm = {k: v.detach().to("cpu").clone() for k, v in state.get("warm", {}).items()}
         scale = state.get("warm_scale")
-        self.warm_scale = None if scale is None else scale.clone()
+        self.warm_scale = None if scale is None else scale.detach().to("cpu").clone()
         if "generator" in state:
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(state["generator"].to("cpu", torch.uint8))
         self.probes = int(state.get("probes", 0))
+
+    def reset_warm_start(self) -> None:
+        """Forget the warm-start vectors: the next solve starts cold (the
+        measured objective changed, e.g. a redrawn Hessian batch)."""
+        self.warm = {}
+        self.warm_scale = None
 
     # --- one eigenproblem -----------------------------------------------
     def _solve(self, key: str, operator: CurvatureOperator, transport=None) -> LOBPCGResult:
