@@ -83,9 +83,8 @@ CASES = [
      "nowhere/study.json, results/nowhere/study.json)"),
     # eos report, eos schema
     (["report", "nowhere"], "eos report: no such study or run folder: nowhere"),
-    (["report", "damaged-run"], "eos report: cannot read the results: Could not open Parquet input source "
-     "'damaged-run/steps/part-000000000-000000001.parquet': Parquet magic bytes not found in footer. Either the "
-     "file is corrupted or this is not a parquet file."),
+    (["report", "damaged-run"], "eos report: damaged-run/steps: part-000000000-000000001.parquet is damaged "
+     "(Parquet magic bytes not found in footer. Either the file is corrupted or this is not a parquet file.)"),
     (["schema", "--format", "xml"], "eos schema: error: argument --format: invalid choice: 'xml' "
      "(choose from 'text', 'markdown', 'json')"),
 ]
