@@ -63,8 +63,8 @@ def load_config_file(path: str) -> dict:
 
 
 #: measured cost of the built-in default trial (bench/RESULTS.md, "default single trial")
-DEFAULT_TRIAL_COST = ("on a 2-core CPU: first step after ~9 s, done in ~55 s "
-                      "(CPU time of one thread; more when the machine is busy)")
+DEFAULT_TRIAL_COST = ("on a 2-core CPU: first step after ~8 s, done in ~45 s "
+                      "(more when the machine is busy)")
 
 
 def defaults_text() -> str:
