@@ -71,7 +71,7 @@ def test_resume_loads_every_state_on_the_cpu_whatever_the_training_device(tmp_pa
     assert trainer.resume(RunDir(tmp_path / "run")) and trainer.step == 3
     state = trainer.probing.probe.generator.get_state()
     assert state.device.type == "cpu" and state.dtype == torch.uint8
-    assert torch.equal(state, saved["probe"]["generator"])
+    assert torch.equal(state, saved["probe"]["probe"]["generator"])   # the Probing state holds the probe's
     assert all(v.device.type == "cpu" for v in trainer.probing.probe.warm.values())
 
 

@@ -36,6 +36,8 @@ eig_hvps           int64          count    Hessian-vector products the estimate 
 eig_converged      bool           —        the residual reached the tolerance
 eig_error          string         —        why a probed step has no curvature: the solver's
                                            error, again after a cold start (else null)
+eig_check          float64        1        |λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate
+                                           was checked with float32 products at this step
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
 batch_sharpness    float64        loss/θ²  directional curvature gᵀHg/‖g‖² on the training
@@ -104,6 +106,8 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("eig_converged", pa.bool_(), "—", "the residual reached the tolerance"),
     Column("eig_error", pa.string(), "—", "why a probed step has no curvature: the solver's error, again after a "
                                           "cold start (else null)"),
+    Column("eig_check", _F, "1", "|λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate was checked with float32 "
+                                 "products at this step"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
     Column("batch_sharpness", _F, "loss/θ²", "directional curvature gᵀHg/‖g‖² on the training batch"),
