@@ -77,6 +77,9 @@ CASES = [
     (["study", "run", "smoke", "--dry-run", "--set", "eval.every=5"], SPEC + MISSING_WEIGHTS),
     (["study", "run", "smoke", "--dry-run", "--set", "resources.gpu=1", "--set", "train.device=cuda"],
      "eos study run: train.device: 'cuda' requested but this machine has no CUDA GPU (use train.device=cpu or auto)"),
+    (["study", "run", "smoke", "--set", "resources.gpu=1"],   # refused before Ray starts
+     "eos study run: resources.gpu: 1 GPU per trial, but this machine has no GPU; set resources.gpu: 0 to train "
+     "on CPUs, or run on a Ray cluster with --address"),
     (["study", "run", "smoke", "--dry-run", "--set", "search.lr.grid=[1"], "eos study run: invalid spec: --set "
      "'search.lr.grid=[1': the value is not valid YAML (expected ',' or ']', but got '<stream end>')"),
     (["study", "resume", "nowhere"], "eos study resume: study: no study folder 'nowhere' (looked for "
@@ -155,3 +158,16 @@ def test_a_bad_input_is_one_line_naming_it(argv, message, workdir, monkeypatch, 
     if not err_lines[0].startswith("usage:"):
         assert len(err_lines) == 1
     assert _tree(workdir) == before          # nothing on disk lost, changed or added
+
+
+def test_the_dry_run_says_a_gpu_share_does_not_fit_this_machine(workdir, monkeypatch, capsys):
+    from study.cli import main
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    before = _tree(workdir)
+    assert main(["study", "run", "smoke", "--dry-run", "--set", "resources.gpu=1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == ("  not on this machine: resources.gpu: 1 GPU per trial, but this machine has no GPU; set "
+                      "resources.gpu: 0 to train on CPUs, or run on a Ray cluster with --address")
+    assert _tree(workdir) == before
