@@ -102,8 +102,6 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _print_plan(spec, misfit=None) -> int:
     """The dry run: what would run (``misfit``: why one trial cannot run on this machine)."""
-    from trainers.config import ConfigError
-
     if misfit and "train.device" in misfit:
         print(f"eos study run: {misfit}", file=sys.stderr)
         return 2
