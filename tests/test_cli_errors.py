@@ -13,6 +13,7 @@ MISSING_WEIGHTS = ("eval.every: 5 needs the Inception-v3 weights for FID/IS/KID,
                    "{tmp}/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth); set eval.inception_weights, "
                    "or eval.every: 0 (python -m trainers.run.fid fetch downloads them)")
 TRAIN = "eos train: invalid config: "
+INPUT = "eos train: "   # the checks of trainers/run/preflight.py (data, Inception weights, device)
 SPEC = "eos study run: invalid spec: "
 NPZ = ["--set", "data.name=npz"]
 
@@ -36,25 +37,25 @@ CASES = [
     (["train", "--config", "corrupt.yaml"], TRAIN + "--config: corrupt.yaml:4: invalid YAML (expected ',' or ']', "
      "but got ':', while parsing a flow sequence from line 3)"),
     (["train", "--config", "list.yaml"], TRAIN + "--config: 'list.yaml' must hold a mapping"),
-    (["train", *NPZ, "--set", "data.path=missing.npz"], TRAIN + "data.path: no such file 'missing.npz'"),
+    (["train", *NPZ, "--set", "data.path=missing.npz"], INPUT + "data.path: no such file 'missing.npz'"),
     (["train", *NPZ, "--set", "data.path=notzip.npz"],
-     TRAIN + "data.path: 'notzip.npz' is not a readable .npz archive (BadZipFile: File is not a zip file)"),
+     INPUT + "data.path: 'notzip.npz' is not a readable .npz archive (BadZipFile: File is not a zip file)"),
     (["train", *NPZ, "--set", "data.path=wrongkey.npz"],
-     TRAIN + "data.path: 'wrongkey.npz' has no array named 'x_train' or 'images' or 'x' (its arrays: pictures)"),
+     INPUT + "data.path: 'wrongkey.npz' has no array named 'x_train' or 'images' or 'x' (its arrays: pictures)"),
     (["train", *NPZ, "--set", "data.path=float.npz"],
-     TRAIN + "data.path: float.npz:x_train must hold uint8 images; got dtype float32"),
+     INPUT + "data.path: float.npz:x_train must hold uint8 images; got dtype float32"),
     (["train", *NPZ, "--set", "data.path=small.npz"],
-     TRAIN + "data.batch_size: 16 is larger than the data set (10 images)"),
+     INPUT + "data.batch_size: 16 is larger than the data set (10 images)"),
     (["train", *NPZ, "--set", "data.path=small.npz", "--set", "data.subset=11"],
-     TRAIN + "data.subset: 11 is larger than the data set (10 images)"),
-    (["train", "--set", "data.synthetic_size=8"], TRAIN + "data.batch_size: 16 is larger than the data set (8 images)"),
+     INPUT + "data.subset: 11 is larger than the data set (10 images)"),
+    (["train", "--set", "data.synthetic_size=8"], INPUT + "data.batch_size: 16 is larger than the data set (8 images)"),
     (["train", "--set", "data.name=imagefolder", "--set", "data.path=images"],
-     TRAIN + "data.path: cannot read image 'images/b.png' (UnidentifiedImageError)"),
+     INPUT + "data.path: cannot read image 'images/b.png' (UnidentifiedImageError)"),
     (["train", "--set", "data.name=imagefolder", "--set", "data.path=empty"],
-     TRAIN + "data.path: no image files under 'empty'"),
-    (["train", "--set", "eval.every=5"], TRAIN + MISSING_WEIGHTS),
+     INPUT + "data.path: no image files under 'empty'"),
+    (["train", "--set", "eval.every=5"], INPUT + MISSING_WEIGHTS),
     (["train", "--set", "train.device=cuda"],
-     TRAIN + "train.device: 'cuda' requested but this machine has no CUDA GPU (use train.device=cpu or auto)"),
+     INPUT + "train.device: 'cuda' requested but this machine has no CUDA GPU (use train.device=cpu or auto)"),
     # eos sample
     (["sample", "run", "--n", "0"], "eos sample: error: argument --n: must be >= 1; got 0"),
     (["sample", "run", "--sampler-steps", "0"], "eos sample: error: argument --sampler-steps: must be >= 1; got 0"),

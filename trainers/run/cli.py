@@ -113,10 +113,14 @@ def run_train(args: argparse.Namespace) -> int:
             for lr in lrs:
                 cfg = run_config(merge(base, {"variant": {"name": variant}, "optim": {"lr": lr}}))
                 configs.append(cfg)
-        for cfg in configs:   # the data, Inception weights and device, before any run folder is touched
-            check_run_inputs(cfg)
     except ConfigError as e:
         print(f"eos train: invalid config: {e}", file=sys.stderr)
+        return 2
+    try:   # every trial's data, Inception weights and device, before any run folder is touched
+        for cfg in configs:
+            check_run_inputs(cfg)
+    except ConfigError as e:
+        print(f"eos train: {e}", file=sys.stderr)
         return 2
     results = []
     for i, cfg in enumerate(configs, 1):
