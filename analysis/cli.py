@@ -18,6 +18,8 @@ SCHEMA_FORMATS = ("text", "markdown", "json")
 
 
 def _report(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
     from analysis.load import StudyFormatError
     from analysis.report import build_report
 
@@ -25,6 +27,10 @@ def _report(args: argparse.Namespace) -> int:
         build_report(args.study_dir, args.out, quiet=args.quiet)
     except (FileNotFoundError, StudyFormatError) as err:
         print(f"eos report: {err}", file=sys.stderr)
+        return 2
+    except (pa.ArrowException, OSError) as err:   # a damaged Parquet file (its path is in the message)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"eos report: cannot read the results: {first}", file=sys.stderr)
         return 2
     return 0
 

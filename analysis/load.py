@@ -28,6 +28,7 @@ plus ``trial_id`` and ``variant``; ``trials`` has one row per trial.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,7 @@ def load_run(run_dir: str | os.PathLike,
         "steps_done": status.steps_done if status else (int(steps["step"].max() + 1) if len(steps) else 0),
         "final_loss": float("nan") if final_loss is None else float(final_loss),
         "reason": status.reason if status else None,
+        "config": json.dumps(config, sort_keys=True),
     }])
     verify_steps_done(steps, trials, str(run.status_file))
     return Study(name=trial_id, path=run.path, kind="run", steps=steps, trials=trials)

@@ -15,8 +15,9 @@ probe ran, i.e. ``ratio`` is not null, count):
   the ratio never drops below 1: ``start_above`` is then true).
 * **fraction near threshold**: among measured steps at or after the onset,
   the fraction with |ratio − 1| ≤ 0.1.
-* **peak ratio**: the largest measured ratio after the transient (over all
-  probed steps when the ratio never drops below 1).
+* **peak ratio**: the largest measured ratio after the transient; none when
+  the ratio never drops below 1 (every probed step is then still in the
+  transient, and ``start_above`` is true).
 * **progressive-sharpening rate**: least-squares slope of λ₁ against the step
   number over the measured steps after the transient and before the onset
   (to the end if the onset never comes), in λ units per step; needs two
@@ -43,7 +44,7 @@ from scipy import stats
 
 from analysis.load import Study
 from trainers.config import PRECONDITIONED_OPTIMIZERS
-from trainers.run.rundir import COMPLETED, DIVERGED
+from trainers.run.rundir import COMPLETED, DIVERGED, ERROR
 
 MAX_LEARNING_RATES = 8  # more distinct lrs (an Optuna search) are binned for the variant × lr tables
 
@@ -103,12 +104,14 @@ def fraction_near_threshold(step, ratio, onset: Optional[int],
 
 
 def peak_ratio(step, ratio) -> float:
-    """The largest ratio after the initial transient (over every probed
-    step when the ratio never drops below 1)."""
+    """The largest ratio after the initial transient (:func:`transient_end`);
+    NaN when the transient never ends (the ratio never drops below 1) or
+    nothing was measured."""
     s, r = _measured(step, ratio)
     start = transient_end(step, ratio)
-    if start is not None:
-        r = r[s >= start]
+    if start is None:
+        return float("nan")
+    r = r[s >= start]
     return float(r.max()) if len(r) else float("nan")
 
 
@@ -263,6 +266,7 @@ def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_ME
             "n_reached_eos": int(group["reached_eos"].sum()),
             "n_probed": int((group["measured_steps"] > 0).sum()),   # trials with any λ₁ measurement
             "n_start_above": int(group["start_above"].sum()),       # ratio never below 1
+            "n_error": int((group["status"] == ERROR).sum()),       # trials that failed (no result)
         }
         for name in metrics:
             mean, lo, hi, n = mean_band(group[name], confidence)

@@ -122,9 +122,14 @@ def _positive(values) -> bool:
     return len(v) > 0 and bool((v > 0).all())
 
 
+def lr_order(lrs) -> list:
+    """The one order of learning rates in every figure, legend and table: largest first."""
+    return sorted(lrs, reverse=True)
+
+
 def _lr_palette(lrs) -> dict:
     colors = sns.color_palette("viridis", n_colors=max(len(lrs), 1))
-    return {lr: colors[i] for i, lr in enumerate(sorted(lrs, reverse=True))}
+    return {lr: colors[i] for i, lr in enumerate(lr_order(lrs))}
 
 
 def _variant_palette(variants) -> dict:
@@ -146,7 +151,7 @@ def plot_lambda(curves: pd.DataFrame, optimizers: Sequence[str] = (), title: str
     """λ₁ vs step, one panel per variant, one colour per learning rate; the
     dashed line of the same colour is that learning rate's threshold."""
     variants = sorted(curves["variant"].unique())
-    lrs = sorted(curves["lr"].unique())
+    lrs = lr_order(curves["lr"].unique())
     palette = _lr_palette(lrs)
     with sns.axes_style(STYLE), sns.plotting_context(CONTEXT):
         nrows, ncols = _facets(len(variants))
@@ -182,7 +187,7 @@ def plot_ratio(curves: pd.DataFrame, title: str = "", column: str = "ratio", yla
     around it.  ``column="step_ratio"``: the curvature along the gradient
     step over the threshold (:func:`analysis.metrics.with_step_ratio`)."""
     variants = sorted(curves["variant"].unique())
-    lrs = sorted(curves["lr"].unique(), reverse=True)
+    lrs = lr_order(curves["lr"].unique())
     palette = _variant_palette(variants)
     with sns.axes_style(STYLE), sns.plotting_context(CONTEXT):
         fig, axes = _figure(1, len(lrs), sharey=True, width=5.5)
@@ -218,7 +223,7 @@ def plot_loss(curves: pd.DataFrame, window: Optional[int] = None, title: str = "
     seed-mean curve is smoothed by a centred rolling mean over ``window``
     logged steps (default: 1 % of the longest curve, at least 1)."""
     variants = sorted(curves["variant"].unique())
-    lrs = sorted(curves["lr"].unique())
+    lrs = lr_order(curves["lr"].unique())
     palette = _lr_palette(lrs)
     if window is None:
         longest = curves.groupby(["variant", "lr"])["step"].count().max() if len(curves) else 1
@@ -252,7 +257,7 @@ def plot_loss(curves: pd.DataFrame, window: Optional[int] = None, title: str = "
 
 def _grid(aggregate: pd.DataFrame, column: str) -> pd.DataFrame:
     grid = aggregate.pivot(index="variant", columns="lr", values=column)
-    return grid.reindex(columns=sorted(grid.columns, reverse=True))
+    return grid.reindex(columns=lr_order(grid.columns))
 
 
 def plot_heatmaps(aggregate: pd.DataFrame, title: str = "") -> Figure:
@@ -265,6 +270,8 @@ def plot_heatmaps(aggregate: pd.DataFrame, title: str = "") -> Figure:
     diverged = _grid(aggregate, "diverged_frac")
     n_div = _grid(aggregate, "n_diverged")
     probed = _grid(aggregate, "n_probed") if "n_probed" in aggregate else trials
+    above = _grid(aggregate, "n_start_above") if "n_start_above" in aggregate else trials * 0
+    errors = _grid(aggregate, "n_error") if "n_error" in aggregate else trials * 0
     onset_text = onset.copy().astype(object)
     for v in onset.index:
         for lr in onset.columns:
@@ -293,7 +300,14 @@ def plot_heatmaps(aggregate: pd.DataFrame, title: str = "") -> Figure:
             for j, lr in enumerate(onset.columns):
                 if never.loc[v, lr]:   # heatmap masks NaN cells: hatch and label them here
                     ax.add_patch(_hatch(j, i))
-                    label = f"never\n(0/{trials.loc[v, lr]:.0f})" if probed.loc[v, lr] > 0 else "λ₁ not\nprobed"
+                    if errors.loc[v, lr] == trials.loc[v, lr]:
+                        label = "error"
+                    elif probed.loc[v, lr] == 0:
+                        label = "λ₁ not\nprobed"
+                    elif above.loc[v, lr] == probed.loc[v, lr]:   # the ratio never dropped below 1
+                        label = f"never\nbelow 1\n({above.loc[v, lr]:.0f}/{trials.loc[v, lr]:.0f})"
+                    else:
+                        label = f"never\n(0/{trials.loc[v, lr]:.0f})"
                     ax.text(j + 0.5, i + 0.5, label, ha="center", va="center", color="0.25")
         ax.set_title("EoS onset: first step with λ₁/threshold ≥ 1\n(seeds that reached it / seeds)")
         ax.set_xlabel("learning rate")

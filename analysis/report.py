@@ -59,7 +59,8 @@ DEFINITIONS = [
     ("onset", "first step with ratio ≥ 1 after the transient, i.e. the first upward crossing of the threshold "
               "(mean over the seeds that reached it; the count is shown)."),
     ("near threshold", f"fraction of probed steps at or after the onset with |ratio − 1| ≤ {M.NEAR_THRESHOLD:.0%}."),
-    ("peak ratio", "largest probed ratio after the transient."),
+    ("peak ratio", "largest probed ratio after the transient (— when the ratio never drops below 1: every step "
+                   "is still in the transient)."),
     ("sharpening rate", "least-squares slope of λ₁ per step over the probed steps after the transient and before "
                         "the onset."),
     ("status", "; ".join(f"`{s}`: {STATUS_MEANINGS[s]}" for s in STATUSES) + "."),
@@ -157,25 +158,43 @@ def _pct(x: float) -> str:
     return "—" if not np.isfinite(x) else f"{x:.0%}"
 
 
+def in_lr_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows by variant, then learning rate in the figures' order (:func:`analysis.plots.lr_order`)."""
+    if frame.empty:
+        return frame
+    rank = {lr: i for i, lr in enumerate(P.lr_order(frame["lr"].unique()))}
+    keys = ["variant", "_lr_rank"] + (["seed"] if "seed" in frame else [])
+    return (frame.assign(_lr_rank=frame["lr"].map(rank)).sort_values(keys, kind="stable")
+            .drop(columns="_lr_rank").reset_index(drop=True))
+
+
 def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
     """The aggregate table formatted for reading (strings), one row per variant × lr."""
     has_fid = "fid_n" in aggregate and aggregate["fid_n"].sum() > 0
+    has_errors = "n_error" in aggregate and aggregate["n_error"].sum() > 0
     rows = []
-    for _, r in aggregate.iterrows():
+    for _, r in in_lr_order(aggregate).iterrows():
+        errors = int(r["n_error"]) if "n_error" in r else 0
+        if r["n_probed"]:
+            reached = (f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}"
+                       + (f" ({int(r['n_start_above'])} never below 1)" if r["n_start_above"] else ""))
+        else:
+            reached = "— (error)" if errors == r["n_trials"] else "not probed"
         row = {
             "variant": r["variant"],
             "lr": P.format_lr(r["lr"]),
             "seeds": int(r["n_trials"]),
-            "diverged": f"{int(r['n_diverged'])}/{int(r['n_trials'])}",
-            "reached EoS": (f"{int(r['n_reached_eos'])}/{int(r['n_trials'])}"
-                            + (f" ({int(r['n_start_above'])} never below 1)" if r["n_start_above"] else "")
-                            if r["n_probed"] else "not probed"),
+            "diverged": (f"{int(r['n_diverged'])}/{int(r['n_trials'] - errors)}" if errors < r["n_trials"]
+                         else "—"),
+            "reached EoS": reached,
             "onset step": _with_band(r, "onset_step", lambda x: f"{x:.0f}"),
             "near threshold": _with_band(r, "frac_near_threshold", _pct),
             "peak ratio": _with_band(r, "peak_ratio"),
             "sharpening rate (λ/step)": _with_band(r, "sharpening_rate"),
             "final loss": _with_band(r, "final_loss"),
         }
+        if has_errors:
+            row["errors"] = f"{errors}/{int(r['n_trials'])}"
         if has_fid:
             row["FID"] = _with_band(r, "fid")
             row["IS"] = _with_band(r, "inception_score")
@@ -191,7 +210,12 @@ def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
             "fid": "FID"}
     if "lr_exact" in per_trial:
         per_trial = per_trial.assign(lr=per_trial["lr_exact"])
+    per_trial = in_lr_order(per_trial)
+    if "reason" in per_trial and per_trial["reason"].notna().any():   # why a trial diverged, stopped or failed
+        cols = {**cols, "reason": "reason"}
     table = per_trial[[c for c in cols if c in per_trial]].rename(columns=cols).copy()
+    if "reason" in table:
+        table["reason"] = table["reason"].map(lambda x: "" if x is None or pd.isna(x) else str(x))
     table["lr"] = table["lr"].map(P.format_lr)
     for c in ("onset step", "transient steps"):
         table[c] = table[c].map(lambda x: "—" if not np.isfinite(x) else f"{x:.0f}")
@@ -202,9 +226,27 @@ def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def fid_requested(trials: pd.DataFrame) -> Optional[bool]:
+    """Whether some trial asked for FID (``eval.every`` > 0 in its config);
+    None when the trials carry no config to tell."""
+    if "config" not in trials or trials["config"].isna().all():
+        return None
+    import json
+
+    def every(text) -> int:
+        try:
+            return int(((json.loads(text) or {}).get("eval") or {}).get("every") or 0)
+        except (TypeError, ValueError, AttributeError):
+            return 0
+    return bool(any(every(text) > 0 for text in trials["config"].dropna()))
+
+
 def sample_metrics_note(per_trial: pd.DataFrame) -> Optional[str]:
-    """None when some trial has an FID; else why there is none and how to get it."""
+    """Why there is no FID and how to get it: only when FID was asked for
+    (``eval.every`` > 0; or when the trials do not say) and none was measured."""
     if "fid" in per_trial and np.isfinite(per_trial["fid"].astype(float)).any():
+        return None
+    if fid_requested(per_trial) is False:
         return None
     from trainers.run.fid import InceptionWeightsMissing, find_inception_weights
 
@@ -216,6 +258,20 @@ def sample_metrics_note(per_trial: pd.DataFrame) -> Optional[str]:
     except InceptionWeightsMissing as err:
         note += " On this machine they are missing:\n\n" + str(err)
     return note
+
+
+def error_note(per_trial: pd.DataFrame) -> Optional[str]:
+    """The trials that ended in ``error`` (no result), each with its reason."""
+    if "status" not in per_trial:
+        return None
+    failed = in_lr_order(per_trial[per_trial["status"] == "error"])
+    if failed.empty:
+        return None
+    lines = [f"{len(failed)} trial(s) ended in error (no result; left out of the metrics):"]
+    for r in failed.itertuples(index=False):
+        reason = getattr(r, "reason", None)
+        lines.append(f"- {r.trial_id}: {reason if isinstance(reason, str) and reason else 'no reason recorded'}")
+    return "\n".join(lines)
 
 
 def _status_counts(trials: pd.DataFrame) -> str:
@@ -248,9 +304,9 @@ def report_context(study: Study, tables: StudyTables, figures: dict[str, P.Figur
         "title": f"Edge-of-stability report — {study.name}",
         "study": {"name": study.name, "path": str(study.path), "n_trials": len(study.trials),
                   "statuses": _status_counts(study.trials), "variants": list(study.variants),
-                  "lrs": [P.format_lr(lr) for lr in study.lrs]},
+                  "lrs": [P.format_lr(lr) for lr in P.lr_order(study.lrs)]},
         "summary": summary_table(tables.aggregate),
-        "notes": [text for text in (_binning_note(tables), note) if text],
+        "notes": [text for text in (error_note(tables.per_trial), _binning_note(tables), note) if text],
         "figures": [{"name": name, "caption": FIGURE_CAPTIONS.get(name, name),
                      "png": paths.png.relative_to(out_dir).as_posix(),
                      "svg": paths.svg.relative_to(out_dir).as_posix(),
@@ -300,7 +356,8 @@ def build_report(study_dir: str | os.PathLike, out_dir: Optional[str | os.PathLi
             print(summary_table(tables.aggregate).to_string(index=False))
             if boundary is not None:  # boundary hook
                 print(boundary.display.to_string(index=False))
-        if note:
-            print(note)
+        for text in (error_note(tables.per_trial), note):
+            if text:
+                print(text)
         print(f"report: {paths.html}\nsummary: {paths.markdown}")
     return paths

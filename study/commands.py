@@ -38,8 +38,17 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"eos study run: invalid spec: {e}", file=sys.stderr)
         return 2
+    misfit = None
+    if not args.address:   # this machine runs the trials: one trial must fit on it (GPUs, CPUs)
+        try:
+            check_local_resources(spec, args.num_cpus)
+        except ConfigError as e:
+            misfit = str(e)
     if args.dry_run:
-        return _print_plan(spec)
+        return _print_plan(spec, misfit)
+    if misfit:
+        print(f"eos study run: {misfit}", file=sys.stderr)
+        return 2
     from study.runner import run_study, summary
     from trainers.run.atomic import DiskFull
 
@@ -54,6 +63,23 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     print(summary(outcome), flush=True)
     return 0 if outcome.complete and not outcome.errors else 1
+
+
+def check_local_resources(spec, num_cpus=None) -> None:
+    """Fail when one trial of ``spec`` does not fit on this machine (the
+    local Ray instance gets its GPUs and ``num_cpus`` or all its CPUs)."""
+    import os
+
+    import torch
+
+    from study.runner import check_resources
+    from trainers.run.preflight import check_device
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    key = spec.study
+    check_device(spec.run_config(key.variants[0], 1e-3, key.seeds[0]))   # an explicit train.device: cuda
+    node = {"Alive": True, "Resources": {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}}
+    check_resources(spec.resources, [node], cluster=False)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -74,8 +100,17 @@ def _resume(args: argparse.Namespace) -> int:
     return 0 if outcome.complete and not outcome.errors else 1
 
 
-def _print_plan(spec) -> int:
+def _print_plan(spec, misfit=None) -> int:
+    """The dry run: what would run (``misfit``: why one trial cannot run on this machine)."""
+    if misfit and "train.device" in misfit:
+        print(f"eos study run: {misfit}", file=sys.stderr)
+        return 2
     print(f"study {spec.name} -> {spec.study_dir}")
+    existing = _existing_folder(spec)
+    if existing:
+        print(f"  {existing}")
+    if misfit:
+        print(f"  not on this machine: {misfit}")
     at_most = "at most " if spec.search.algorithm == "boundary" else ""
     print(f"  {at_most}{spec.num_trials()} trials, search {spec.search.algorithm}, objective {spec.study.objective} "
           f"({spec.mode}), {spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial, "
@@ -102,6 +137,38 @@ def _print_plan(spec) -> int:
             for s in spec.study.seeds:
                 print(f"  {v} seed {s}: {spec.search.num_samples} TPE trials, lr in [{low:g}, {high:g}] (log)")
     return 0
+
+
+def _existing_folder(spec) -> str | None:
+    """What the dry run says about a study folder that already exists (None: it does not)."""
+    import json
+
+    from study.layout import StudyLayout
+
+    layout = StudyLayout(spec.study_dir)
+    if not layout.root.exists():
+        return None
+    if not layout.study_json.is_file():
+        return f"the folder {layout.root} exists but holds no study (study.json); the run will use it"
+    try:
+        stored = json.loads(layout.study_json.read_text()).get("spec")
+    except (OSError, ValueError):
+        return f"the folder {layout.root} exists, its study.json is not readable: choose another --name"
+    if stored != spec.to_dict():
+        return (f"the folder {layout.root} already holds a study {spec.name!r} with a different spec: "
+                "`eos study run` will refuse; choose another --name")
+    done = 0
+    for run in layout.run_dirs():
+        try:
+            done += bool((run.read_status() or _NotEnded).ended)
+        except (OSError, ValueError, KeyError, TypeError):   # a damaged status.json: not counted
+            pass
+    return (f"the folder {layout.root} already holds this study ({done} trial(s) ended): "
+            f"`eos study run ... --resume` or `eos study resume {layout.root}` continues it")
+
+
+class _NotEnded:
+    ended = False
 
 
 def _print_boundary_plan(spec) -> None:
@@ -134,8 +201,11 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs of the local Ray instance (default: all); ignored with --address")
     p.add_argument("--autoscale", action="store_true",
                    help="on a cluster, do not fail when no node fits a trial yet (the autoscaler adds nodes)")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
-                   help="Tune's progress output: 0 silent, 1 status table (default), 2 every result")
+    p.add_argument("--verbose", type=int, nargs="?", const=1, default=None, choices=(0, 1, 2),
+                   help="default (no --verbose): one concise progress line per trial start/end and every 10 s "
+                        "(trials done/running/diverged, steps/s, ETA, λ₁/threshold per running trial), Ray's "
+                        "own messages off; --verbose (= 1): Ray Tune's status table, Ray's warnings and the "
+                        "trials' own output; 2: every result; 0: silent")
 
 
 def register(subparsers) -> None:
@@ -151,7 +221,8 @@ def register(subparsers) -> None:
                      help="override a spec value, e.g. --set train.steps=200 --set 'search.lr.grid=[1e-3]'")
     run.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
     run.add_argument("--resume", action="store_true",
-                     help="if the study folder already holds this spec, continue it (for resubmitted batch jobs)")
+                     help="if the study folder already holds this spec, continue it (done trials are kept), "
+                          "else start it: the same command can run again (the README's, resubmitted batch jobs)")
     _add_cluster_arguments(run)
     run.set_defaults(func=_run)
 

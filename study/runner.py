@@ -121,24 +121,38 @@ def _loopback_only():
             os.environ[name] = before_env
 
 
-def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, quiet: bool = False) -> bool:
     """Start a local Ray instance or connect to ``address``; returns whether
     this call did it (and should shut it down).  An already-initialised Ray
     (tests, notebooks) is used as it is.  A local instance has no dashboard,
     token authentication (:func:`_local_token_auth`) and every port on the
-    loopback address (:func:`_loopback_only`)."""
+    loopback address (:func:`_loopback_only`).  ``quiet``: Ray logs errors
+    only and the trials' own output stays in their log files (the study's
+    progress view speaks for them)."""
     import ray
 
     if ray.is_initialized():
         return False
+    level = logging.ERROR if quiet else logging.WARNING
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=level, log_to_driver=not quiet)
     else:
         _local_token_auth()
         with _loopback_only():
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     logging_level=logging.WARNING, log_to_driver=True)
+                     logging_level=level, log_to_driver=not quiet)
     return True
+
+
+def _quiet_ray(quiet: bool) -> None:
+    from study.progress import quiet_ray
+
+    quiet_ray(quiet)
+
+
+def _quiet(verbose: Optional[int]) -> bool:
+    """``verbose`` None: the eos progress view; 0: nothing; 1, 2: Tune's own output and Ray's messages."""
+    return verbose is None or verbose == 0
 
 
 def check_resources(resources: ResourcesSection, nodes: Sequence[dict], *, cluster: bool,
@@ -210,12 +224,20 @@ def _quiet_tune() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
+def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: Optional[int] = None):
+    """The Tuner of a study.  ``verbose``: None — the concise progress view
+    (:class:`study.progress.ProgressView`) and Tune silent; 0 — silent;
+    1, 2 — Tune's status table / every result."""
     from ray import tune
 
+    from study.progress import ProgressView
     from study.search import METRIC, build_search
     from study.trackers import build_callbacks
 
+    callbacks = build_callbacks(spec.trackers, spec.name, layout.root)
+    if verbose is None:
+        first = spec.run_config(spec.study.variants[0], 1e-3, spec.study.seeds[0])
+        callbacks = [*(callbacks or []), ProgressView(spec.num_trials(), first.train.steps)]
     param_space, search_alg, num_samples, max_concurrent = build_search(spec, layout)
     return tune.Tuner(
         _trainable(_plan(spec, layout)),
@@ -228,8 +250,8 @@ def build_tuner(spec: StudySpec, layout: StudyLayout, verbose: int = 1):
         run_config=tune.RunConfig(
             name=layout.tune.name, storage_path=str(layout.root),
             failure_config=tune.FailureConfig(max_failures=spec.study.max_failures),
-            callbacks=build_callbacks(spec.trackers, spec.name, layout.root),
-            verbose=verbose),
+            callbacks=callbacks,
+            verbose=0 if verbose is None else verbose),
     )
 
 
@@ -247,6 +269,9 @@ def _tune_trials(result_grid) -> list[dict]:
         if not {"variant", "lr", "seed"} <= set(c):
             continue
         error = None if result.error is None else _error_line(result.error)
+        metrics = result.metrics or {}
+        if error is None and metrics.get("status") == ERROR:   # bad input, not retried (study.trainable)
+            error = str(metrics.get("reason") or "error")
         out.append({"trial_id": trial_id(c["variant"], c["lr"], c["seed"]), "variant": c["variant"],
                     "lr": c["lr"], "seed": c["seed"], "error": error})
     return out
@@ -387,7 +412,7 @@ def _existing_study(spec: StudySpec, layout: StudyLayout, resume: bool) -> bool:
 
 
 def run_study(spec: StudySpec, *, address: Optional[str] = None, num_cpus: Optional[int] = None,
-              autoscale: bool = False, verbose: int = 1, resume: bool = False) -> StudyOutcome:
+              autoscale: bool = False, verbose: Optional[int] = None, resume: bool = False) -> StudyOutcome:
     """Run every trial of ``spec``; returns the outcome with the trials table.
 
     ``resume``: when the study folder already holds this very spec, continue
@@ -423,7 +448,8 @@ def _run_locked(spec: StudySpec, layout: StudyLayout, *, address, num_cpus, auto
     _clean_up_after_a_crash(layout)
 
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
-        started = connect(address, num_cpus)
+        started = connect(address, num_cpus, quiet=_quiet(verbose))
+        _quiet_ray(_quiet(verbose))
         try:
             check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
             prepare_data(spec)
@@ -492,7 +518,8 @@ def load_study_spec(root: Path) -> StudySpec:
 
 
 def resume_study(study_dir_or_name: str | os.PathLike, *, address: Optional[str] = None,
-                 num_cpus: Optional[int] = None, autoscale: bool = False, verbose: int = 1) -> StudyOutcome:
+                 num_cpus: Optional[int] = None, autoscale: bool = False,
+                 verbose: Optional[int] = None) -> StudyOutcome:
     """Continue an interrupted study: unfinished and errored trials resume
     from their checkpoints (``Tuner.restore``), the rest start.  Holds the
     study folder's lock like :func:`run_study`."""
@@ -510,7 +537,8 @@ def _resume_locked(layout: StudyLayout, spec: StudySpec, *, address, num_cpus, a
     _clean_up_after_a_crash(layout)
 
     with study_mps(spec.resources.mps, spec.resources.gpu, cluster=bool(address)):
-        started = connect(address, num_cpus)
+        started = connect(address, num_cpus, quiet=_quiet(verbose))
+        _quiet_ray(_quiet(verbose))
         try:
             check_resources(spec.resources, ray.nodes(), cluster=bool(address), autoscale=autoscale)
             prepare_data(spec)
@@ -564,6 +592,9 @@ def summary(outcome: StudyOutcome) -> str:
     for row in best_trials(table, spec.mode):
         lines.append(f"[eos]   best {row['variant']}: lr={row['lr']:g} seed={row['seed']} "
                      f"{spec.study.objective}={row['objective']:.4g} ({row['status']})")
+    for row in table.to_pylist():
+        if row["status"] == ERROR:
+            lines.append(f"[eos]   error {row['trial_id']}: {row['reason']}")
     lines.append(f"[eos] trials: {outcome.layout.trials_table}")
     lines.append(f"[eos] steps:  {outcome.layout.steps}  (pandas.read_parquet)")
     if not outcome.complete:

@@ -57,13 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from study.trackers import TrackersSection
 from study.trackers import normalize as normalize_trackers
 from study.trackers import resolve_paths as resolve_tracker_paths
 from trainers.config import (OPTIMIZERS, ConfigError, DataConfig, RunConfig, from_dict, merge,
-                             run_config, to_dict)
+                             read_yaml, run_config, to_dict)
+from trainers.run.preflight import check_run_inputs
 from trainers.run.rundir import trial_id
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -71,6 +70,7 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 # objective -> Tune mode
 OBJECTIVES = {"final_loss": "min", "fid": "min", "largest_stable_lr": "max"}
 ALGORITHMS = ("grid", "optuna", "boundary")
+MAX_NAME_BYTES = 255   # a file-name component on Linux, macOS and Windows file systems
 RUN_SECTIONS = ("model", "data", "schedule", "optim", "variant", "sharpness", "eval", "train")
 # fields each trial sets itself (field path -> where the value comes from)
 PER_TRIAL_FIELDS = {
@@ -109,6 +109,9 @@ class StudySection:
             _fail("study.name", "is required (or pass --name)")
         if "/" in self.name or self.name in (".", "..") or self.name.startswith("."):
             _fail("study.name", f"must be a plain folder name; got {self.name!r}")
+        if len(self.name.encode()) > MAX_NAME_BYTES:
+            _fail("study.name", f"must be at most {MAX_NAME_BYTES} bytes (it names a folder); got "
+                                f"{len(self.name.encode())}: {self.name[:40]!r}...")
         if not self.variants:
             _fail("study.variants", "must list at least one variant")
         for i, v in enumerate(self.variants):
@@ -442,6 +445,12 @@ def check_data(spec: StudySpec) -> None:
     weights = spec.eval.get("inception_weights")
     if weights and not Path(weights).is_file():
         _fail("eval.inception_weights", f"no such file {weights!r}")
+    if data.name == "cifar10" and not Path(data.path).is_dir():
+        return   # downloaded by the driver before launch (study.runner.prepare_data)
+    # the data file opened and its shape read, the batch against the data set, the Inception weights
+    key = spec.grid_trials()[0] if spec.search.algorithm == "grid" else None
+    variant, lr, seed = (key.variant, key.lr, key.seed) if key else (spec.study.variants[0], 1e-3, spec.study.seeds[0])
+    check_run_inputs(spec.run_config(variant, lr, seed), device=False)
 
 
 def spec_from_dict(data: dict, *, base_dir: str | os.PathLike | None = None,
@@ -479,7 +488,7 @@ def read_spec_file(path_or_preset: str | os.PathLike) -> dict:
         p = preset_path(str(path_or_preset))
     if not p.is_file():
         raise ConfigError(f"spec: no such file {str(path_or_preset)!r} (presets: {', '.join(presets())})")
-    data = yaml.safe_load(p.read_text())
+    data = read_yaml(p, "spec")
     if not isinstance(data, dict):
         raise ConfigError(f"spec: {str(p)!r} must hold a mapping")
     return data

@@ -16,6 +16,11 @@ takes).  A study started by an earlier version may still have Tune
 checkpoints: a retried trial gets its newest from ``tune.get_checkpoint()``
 and puts it back into the run folder when the folder lacks one as new.
 
+Bad input (a :class:`trainers.config.ConfigError`: data, Inception weights,
+device; :mod:`trainers.run.preflight`) ends the trial without raising, with a
+last result ``status: error`` and its ``reason``: Tune does not retry it
+(it would fail the same way) and the trials table shows the reason.
+
 Divergence is a result: the early-stop rules (:mod:`study.early_stop`)
 return ``("diverged", reason)`` from the trainer's ``on_step`` and the trial
 ends normally with that status and reason.
@@ -42,7 +47,7 @@ from study.early_stop import DivergenceMonitor
 from study.layout import StudyLayout
 from study.spec import StudySpec, TrialKey
 from study.trials import objective_value, trial_row
-from trainers.run.rundir import DIVERGED, RUNNING, RunDir, checkpoint_step
+from trainers.run.rundir import DIVERGED, ERROR, RUNNING, RunDir, checkpoint_step
 
 FAULT_ENV = "EOS_STUDY_KILL_AT_STEP"
 FULL_DISK_ENV = "EOS_STUDY_FULL_DISK_AT_STEP"
@@ -148,7 +153,9 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     import torch
     from ray import tune
 
+    from trainers.config import ConfigError
     from trainers.run.loop import train
+    from trainers.run.preflight import check_run_inputs
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per checkpoint
     spec = plan.spec
@@ -160,7 +167,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     restore_checkpoint(tune.get_checkpoint(), run)   # a study of an earlier version (module docstring)
 
     monitor = DivergenceMonitor(spec.early_stop)
-    seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None}
+    seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None, "latest_ratio": None}
 
     def objective(status: str) -> float:
         return objective_value(spec.study.objective, status, key.lr, seen["loss"], seen["fid"])
@@ -171,6 +178,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
             monitor.replay(history[history["step"] < row["step"]].to_dict("records"))
             seen["primed"] = True
         seen["loss"], seen["row"] = row.get("loss"), row
+        if _finite_or_none(row.get("ratio")) is not None:
+            seen["latest_ratio"] = float(row["ratio"])
         if row.get("fid") is not None:
             seen["fid"] = row["fid"]
         if plan.fault is not None:
@@ -185,10 +194,19 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         return (verdict, monitor.reason) if verdict else None
 
     def on_checkpoint(path: Path, steps_done: int) -> None:
-        tune.report(step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING),
-                                 trial=key.trial_id))
+        metrics = step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING), trial=key.trial_id)
+        latest = seen["latest_ratio"]
+        if latest is not None:   # for the driver's progress view (study.progress), not a step metric
+            metrics["latest_ratio"] = latest
+        tune.report(metrics)
 
-    train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
+    try:   # bad input fails the same way on every attempt: end the trial as an error, not retried by Tune
+        check_run_inputs(cfg)
+        train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
+    except ConfigError as err:
+        tune.report({**step_metrics(None, 0, status=ERROR, objective=objective(ERROR), trial=key.trial_id),
+                     "reason": str(err)})
+        return
     row = trial_row(layout, run, spec.study.objective)
     last = seen["row"]  # the last step's measurements, unless its cadence report already carried them
     last = None if last is None or last["step"] == seen["reported"] else last

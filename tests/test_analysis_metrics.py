@@ -83,9 +83,10 @@ def test_adam_initial_transient_is_not_the_edge_of_stability():
     assert m["peak_ratio"] == pytest.approx(1.04)
     assert m["sharpening_rate"] == pytest.approx(0.01 * threshold, rel=1e-9)
     assert m["frac_near_threshold"] == 1.0
-    # still in the transient at the end (or diverging from the start): no onset, peak over everything
+    # still in the transient at the end (or diverging from the start): no onset, and no peak, as the
+    # report defines it (after the transient; issue 18.6: it showed the opening 2900 as the peak)
     m = trial_metrics(frame.iloc[:4])
-    assert math.isnan(m["onset_step"]) and m["start_above"] and m["peak_ratio"] == 2900.0
+    assert math.isnan(m["onset_step"]) and m["start_above"] and math.isnan(m["peak_ratio"])
     assert math.isnan(m["sharpening_rate"])
     # a curve that starts below 1 has no transient
     m = trial_metrics(frame.iloc[4:])

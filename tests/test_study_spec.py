@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from study.early_stop import DivergenceMonitor
@@ -56,7 +57,7 @@ def test_grid_spec_builds_one_run_config_per_trial(tmp_path):
 
 def test_relative_paths_become_absolute(tmp_path):
     data = tmp_path / "d.npz"
-    data.write_bytes(b"")
+    np.savez(data, x_train=np.zeros((64, 16, 16, 3), np.uint8))   # validation reads the array's shape (issue 18.4)
     spec = spec_from_dict(small_spec(study={"storage": "out"}, data={"name": "npz", "path": "d.npz"}),
                           base_dir=tmp_path)
     assert spec.study.storage == str(tmp_path / "out")

@@ -16,6 +16,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 
@@ -64,10 +65,10 @@ class DataConfig:
     name: str = "synthetic"
     path: Optional[str] = None          # npz file, imagefolder root, or cifar10 download dir
     subset: Optional[int] = None        # fixed-size subset of the training set (EoS studies: 5000)
-    image_size: int = 32
+    image_size: int = 16                # the built-in default is CPU-sized: see eos train --help
     channels: int = 3
     flip: bool = True
-    batch_size: int = 128
+    batch_size: int = 16
     batching: str = "random"
     synthetic_size: int = 512           # number of generated images for ``synthetic``
     download: bool = True               # cifar10: download into ``path`` when missing
@@ -181,7 +182,7 @@ class SharpnessConfig:
     variant's current objective (:mod:`trainers.run.probing`).
     """
     every: int = 1
-    hessian_batch: int = 128
+    hessian_batch: int = 8
     block_size: int = 2          # LOBPCG block size k >= 2
     topk: int = 1                # eigenvalues recorded (<= block_size)
     tol: float = 1e-2            # relative residual ||Hv - λv|| / |λ| to stop (λ error <~ tol²: bench/RESULTS.md)
@@ -259,14 +260,14 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     """The loop: length, seed, precision, EMA, checkpoints, logging."""
-    steps: int = 100
+    steps: int = 20
     seed: int = 0
     device: str = "auto"          # auto: cuda when available, else cpu
     bf16: bool = False            # bf16 autocast for the training step (CUDA)
     ema_decay: float = 0.999
-    checkpoint_every: int = 50    # also flushes the Parquet log
+    checkpoint_every: int = 10    # also flushes the Parquet log
     keep_checkpoints: int = 2
-    print_every: int = 10         # progress line (0: quiet)
+    print_every: int = 10         # progress line every N steps, and after every step slower than 1 s (0: quiet)
     fixed_noise: bool = False     # same t/σ and noise every step (deterministic objective)
     divergence_loss: float = 1e6  # a loss above this (or NaN/inf) ends the run as diverged
 
@@ -405,3 +406,25 @@ def merge(base: dict, override: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def read_yaml(path, what: str):
+    """The YAML (or JSON) document of ``path``; a ConfigError naming the file
+    and line when it does not parse, or the file cannot be read."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what}: cannot read {str(path)!r} ({type(err).__name__})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            problem += f", {context} from line {start.line + 1}"
+        raise ConfigError(f"{what}: {where}: invalid YAML ({problem})") from None

@@ -4,23 +4,29 @@ Keeps the reference repository's flags: ``--base --edm --vparam --snr --pd
 --adap_s --stf`` choose variants (several at once run one trial each) and
 ``--lr`` the learning rate(s); without ``--lr`` the sweep 1e-3, 5e-4, 1e-4
 runs.  Everything else comes from ``--config FILE`` (YAML/JSON, a RunConfig
-mapping) and ``--set section.key=value`` overrides, in that order.
+mapping; a study spec's run sections are used, the rest ignored) and
+``--set section.key=value`` overrides, in that order.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
 
-from trainers.config import ConfigError, merge, run_config
+from trainers.config import ConfigError, RunConfig, merge, read_yaml, run_config
 from trainers.diffusion.variants import VARIANTS
+from trainers.run.preflight import check_run_inputs
 from trainers.run.rundir import RunDir, RunFolderError, trial_id
 from trainers.run.steplog import StepLogError
 
 DEFAULT_LRS = (1e-3, 5e-4, 1e-4)
+#: the RunConfig sections (what --config takes from a study spec)
+RUN_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def parse_override(text: str) -> dict:
@@ -33,7 +39,11 @@ def parse_override(text: str) -> dict:
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from None
     return out
 
 
@@ -41,10 +51,33 @@ def load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: no such file {path!r}")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml(p, "--config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path!r} must hold a mapping")
+    if "study" in data:   # a study spec (study/presets/*.yaml): its run sections, its optimizer
+        optimizer = (data.get("study") or {}).get("optimizer")
+        data = {k: v for k, v in data.items() if k in RUN_SECTIONS}
+        if optimizer:
+            data = merge(data, {"optim": {"name": optimizer}})
     return data
+
+
+#: measured cost of the built-in default trial (bench/RESULTS.md, "default single trial")
+DEFAULT_TRIAL_COST = ("on a 2-core CPU: first step after ~8 s, done in ~45 s "
+                      "(more when the machine is busy)")
+
+
+def defaults_text() -> str:
+    """What a run without --config trains, read from trainers/config.py's defaults."""
+    cfg = run_config()
+    sharp = cfg.sharpness
+    return textwrap.fill(f"Without --config a trial uses the built-in default (trainers/config.py): the {cfg.model.preset} "
+            f"U-Net, {cfg.data.name} {cfg.data.image_size} px images, batch {cfg.data.batch_size}, "
+            f"{cfg.optim.name}, {cfg.train.steps} steps, λ₁ of the preconditioned Hessian "
+            f"{'every step' if sharp.every == 1 else f'every {sharp.every} steps'} on a frozen batch of {sharp.hessian_batch} examples"
+            f"{' (plus plain λ₁(H))' if sharp.plain_lambda else ''}; {DEFAULT_TRIAL_COST}. "
+            f"Larger runs: --config FILE (e.g. examples/my-run.yaml, or a study preset such as "
+            f"study/presets/paper.yaml, whose run sections are used) and --set.", 79)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,6 +116,12 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"eos train: invalid config: {e}", file=sys.stderr)
         return 2
+    try:   # every trial's data, Inception weights and device, before any run folder is touched
+        for cfg in configs:
+            check_run_inputs(cfg)
+    except ConfigError as e:
+        print(f"eos train: {e}", file=sys.stderr)
+        return 2
     results = []
     for i, cfg in enumerate(configs, 1):
         name = trial_id(cfg.variant.name, cfg.optim.lr, cfg.train.seed)
@@ -98,11 +137,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run folder written by eos train")
-    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--n", type=positive_int, default=64, help="number of images")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "heun", "dpmpp2m"], help="default: the run's eval.sampler")
-    p.add_argument("--sampler-steps", type=int, help="default: the run's eval.sampler_steps")
+    p.add_argument("--sampler-steps", type=positive_int, help="default: the run's eval.sampler_steps")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/samples/final-<sampler>.png)")
 
 
@@ -111,16 +161,24 @@ def run_sample(args: argparse.Namespace) -> int:
     from trainers.diffusion.samplers import save_grid
 
     run = RunDir(args.run_dir)
-    cfg_dict = run.read_config()
+    try:
+        cfg_dict = run.read_config()
+    except (OSError, ValueError) as err:   # a damaged config.json
+        print(f"eos sample: {run / 'config.json'} is not readable ({type(err).__name__})", file=sys.stderr)
+        return 2
     if cfg_dict is None:
         print(f"eos sample: {run} has no config.json (not a run folder)", file=sys.stderr)
         return 2
     if args.sampler:
         cfg_dict["eval"]["sampler"] = args.sampler
-    if args.sampler_steps:
+    if args.sampler_steps is not None:
         cfg_dict["eval"]["sampler_steps"] = args.sampler_steps
     cfg_dict["sharpness"]["every"] = 0
-    trainer = Trainer(run_config(cfg_dict))
+    try:
+        trainer = Trainer(run_config(cfg_dict))
+    except ConfigError as err:
+        print(f"eos sample: {err}", file=sys.stderr)
+        return 2
     if not trainer.resume(run):   # sharpness.every = 0: the checkpoint's probe state is ignored
         print(f"eos sample: {run} has no checkpoint yet", file=sys.stderr)
         return 2
@@ -134,7 +192,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train single trials (one per variant × lr)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, epilog=defaults_text(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.set_defaults(func=run_train)
     p = subparsers.add_parser("sample", help="draw a sample grid from a run's EMA weights")
@@ -144,7 +203,7 @@ def register(subparsers) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.run.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=defaults_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
 

@@ -18,6 +18,7 @@ Sources:
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +67,16 @@ def load_npz(path: str, key: str = "x_train") -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"data.path: no such file {path!r}")
-    with np.load(p) as z:
-        for k in (key, "images", "x"):
-            if k in z:
-                return _to_nchw(z[k], f"data.path ({path}:{k})")
-        raise ConfigError(f"data.path: {path!r} has no array {key!r} (keys: {', '.join(z.files)})")
+    try:
+        with np.load(p) as z:
+            for k in (key, "images", "x"):
+                if k in z:
+                    return _to_nchw(z[k], f"data.path ({path}:{k})")
+            raise ConfigError(f"data.path: {path!r} has no array {key!r} (keys: {', '.join(z.files)})")
+    except ConfigError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise ConfigError(f"data.path: {path!r} is not a readable .npz archive ({type(err).__name__})") from None
 
 
 def load_cifar10(root: str, download: bool) -> torch.Tensor:
@@ -97,7 +103,10 @@ def load_imagefolder(root: str, size: int, channels: int, limit: int | None) -> 
     mode = "RGB" if channels == 3 else "L"
     out = []
     for f in files:
-        img = Image.open(f).convert(mode)
+        try:
+            img = Image.open(f).convert(mode)
+        except (OSError, ValueError) as err:   # PIL.UnidentifiedImageError is an OSError
+            raise ConfigError(f"data.path: cannot read image {str(f)!r} ({type(err).__name__})") from None
         w, h = img.size  # centre crop to a square, then resize
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -278,48 +279,94 @@ def checkpoint(trainer: Trainer, run: RunDir, log: StepLog, row: Optional[dict],
 
 
 class Progress:
-    """The console lines of a run (all silent when not ``enabled``): resuming,
-    one line every ``train.print_every`` steps, the outcome."""
+    """The console output of a run (all silent when not ``enabled``): a
+    start line saying what trains, resuming, per-step progress, the outcome.
 
-    def __init__(self, cfg: RunConfig, enabled: bool):
+    On a terminal the per-step progress is a tqdm bar on stdout, updated
+    after every step, with loss, λ₁ and λ₁/threshold in its postfix.
+    Otherwise (a log file, a pipe) it is one line every ``train.print_every``
+    steps, and after every step that took longer than :attr:`SLOW_STEP_S`
+    seconds, so a slow run shows every step as it is taken."""
+
+    SLOW_STEP_S = 1.0
+
+    def __init__(self, cfg: RunConfig, enabled: bool, stream=None):
         self.cfg = cfg
         self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stdout
         self._time, self._step = time.perf_counter(), 0
+        self._last = self._time
+        self._bar = None
+
+    def _print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def resumed(self, run: RunDir, step: int) -> None:
         if self.enabled:
-            print(f"[eos] resuming {run} at step {step}", flush=True)
+            self._print(f"[eos] resuming {run} at step {step}")
 
     def start(self, step: int) -> None:
         self._time, self._step = time.perf_counter(), step
+        self._last = self._time
+        if not self.enabled:
+            return
+        cfg = self.cfg
+        sharp = cfg.sharpness
+        probe = (f"λ₁ every {'step' if sharp.every == 1 else f'{sharp.every} steps'} on {sharp.hessian_batch} "
+                 "examples" if sharp.every else "no λ₁ probe")
+        self._print(f"[eos] {cfg.variant.name} lr={cfg.optim.lr:g}: {cfg.train.steps} steps from step {step}, "
+                    f"{cfg.model.preset} U-Net, {cfg.data.name} {cfg.data.image_size} px, batch "
+                    f"{cfg.data.batch_size}, {cfg.optim.name}, {probe}")
+        if self.stream.isatty() and cfg.train.print_every:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=cfg.train.steps, initial=step, file=self.stream, unit="step",
+                             desc=f"[eos] {cfg.variant.name} lr={cfg.optim.lr:g}", dynamic_ncols=True)
 
     def after_step(self, steps_done: int, row: dict) -> None:
-        every = self.cfg.train.print_every
-        if not (self.enabled and every and (steps_done % every == 0 or steps_done == self.cfg.train.steps)):
+        if not (self.enabled and self.cfg.train.print_every):
             return
         now = time.perf_counter()
+        slow = now - self._last >= self.SLOW_STEP_S
+        self._last = now
+        if self._bar is not None:
+            self._bar.set_postfix_str(self.postfix(row), refresh=False)
+            self._bar.update(1)
+            return
+        every = self.cfg.train.print_every
+        if not (slow or steps_done % every == 0 or steps_done == self.cfg.train.steps):
+            return
         rate = (steps_done - self._step) / max(now - self._time, 1e-9)
         self._time, self._step = now, steps_done
-        print(self.line(steps_done, row, rate), flush=True)
+        self._print(self.line(steps_done, row, rate))
 
-    def line(self, steps_done: int, row: dict, rate: float) -> str:
-        cfg = self.cfg
-        parts = [f"[eos] {cfg.variant.name} lr={cfg.optim.lr:g} step {steps_done}/{cfg.train.steps}",
-                 f"loss {row['loss']:.4f}"]
+    @staticmethod
+    def postfix(row: dict) -> str:
+        parts = [f"loss {row['loss']:.4f}"]
         lam = row.get("lambda_precond") if row.get("lambda_precond") is not None else row.get("lambda_max")
         if lam is not None:
             parts.append(f"λ₁ {lam:.4g}")
         if row.get("ratio") is not None:
             parts.append(f"λ₁/threshold {row['ratio']:.3f}")
-        parts.append(f"{rate:.2f} steps/s")
         return " | ".join(parts)
+
+    def line(self, steps_done: int, row: dict, rate: float) -> str:
+        cfg = self.cfg
+        return (f"[eos] {cfg.variant.name} lr={cfg.optim.lr:g} step {steps_done}/{cfg.train.steps} | "
+                f"{self.postfix(row)} | {rate:.2f} steps/s")
 
     def finished(self, run: RunDir, status: str, steps_done: int, final_loss: Optional[float],
                  reason: Optional[str]) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self.enabled:
             loss = "none" if final_loss is None else f"{final_loss:.4g}"
-            print(f"[eos] {status}: {steps_done} steps, final loss {loss}"
-                  + (f" ({reason})" if reason else "") + f" -> {run}", flush=True)
+            self._print(f"[eos] {status}: {steps_done} steps, final loss {loss}"
+                        + (f" ({reason})" if reason else "") + f" -> {run}")
 
 
 # ---------------------------------------------------------------------------
