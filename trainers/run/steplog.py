@@ -5,7 +5,7 @@ is written to a temporary file and renamed into place
 (:mod:`trainers.run.atomic`), so a reader never sees half a chunk.  Chunks are flushed together with checkpoints; on resume the log
 is cut back to the checkpoint's step, so no step is ever duplicated or lost.
 
-Schema version 1 (one row per optimizer step; null where not measured).
+Schema version 2 (one row per optimizer step; null where not measured).
 :data:`STEP_COLUMNS` below is its one definition (name, Arrow type, unit,
 meaning) and :data:`UNITS` says what the unit symbols mean (θ: the
 parameters' unit, η: the learning rate's, so that the threshold and the λ in
@@ -21,8 +21,12 @@ wall_time          float64        s        seconds of training so far (summed ov
 loss               float64        loss     training loss of the step's batch
 lr                 float64        η        learning rate used for the update
 grad_norm          float64        loss/θ   global gradient norm before clipping
-lambda_max         float64        loss/θ²  λ₁(H) of the frozen-batch loss Hessian
-lambda_precond     float64        1/θ      λ₁(P⁻¹H), P = diag(√v̂ + ε) (Adam/AdamW only)
+lambda_max         float64        loss/θ²  λ₁(H) of the frozen-batch loss Hessian; with coupled
+                                           L2 weight decay (gd/momentum/adam,
+                                           optim.weight_decay > 0) λ₁(H + wd·I), the update's
+                                           curvature (every curvature column likewise)
+lambda_precond     float64        1/θ      λ₁(P⁻¹H), P the preconditioner of Adam's update
+                                           (sharpness.adam_preconditioner; Adam/AdamW only)
 threshold          float64        1/η      the optimizer's stability threshold (2/η, ...)
 ratio              float64        1        (λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold
 eig_residual       float64        1        relative residual ‖Hv − λv‖/|λ| of the reported λ
@@ -32,8 +36,13 @@ eig_hvps           int64          count    Hessian-vector products the estimate 
 eig_converged      bool           —        the residual reached the tolerance
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
-batch_sharpness    float64        loss/θ²  directional curvature gᵀHg/‖g‖² on the training
-                                           batch
+step_sharpness     float64        loss/θ²  gᵀH_Bg/‖g‖² on the step's own training batch B,
+                                           train mode
+batch_sharpness    float64        loss/θ²  batch sharpness: mean of gᵀH_Bg/‖g‖² over fresh
+                                           training mini-batches B (g, H_B of the same B; train
+                                           mode), Monte Carlo
+batch_sharpness_n  int64          count    mini-batches the batch sharpness averaged (it stops
+                                           at sharpness.batch_sharpness_rse or _max_batches)
 variant_stats      string         JSON     JSON object of the variant's own scalars
 fid                float64        1        FID of EMA samples vs. real images (eval steps only)
 inception_score    float64        1        Inception score of the same samples
@@ -57,7 +66,7 @@ import pyarrow.parquet as pq
 
 from trainers.run.atomic import remove_stale_temporaries, write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,11 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("loss", _F, "loss", "training loss of the step's batch"),
     Column("lr", _F, "η", "learning rate used for the update"),
     Column("grad_norm", _F, "loss/θ", "global gradient norm before clipping"),
-    Column("lambda_max", _F, "loss/θ²", "λ₁(H) of the frozen-batch loss Hessian"),
-    Column("lambda_precond", _F, "1/θ", "λ₁(P⁻¹H), P = diag(√v̂ + ε) (Adam/AdamW only)"),
+    Column("lambda_max", _F, "loss/θ²", "λ₁(H) of the frozen-batch loss Hessian; with coupled L2 weight decay "
+                                        "(gd/momentum/adam, optim.weight_decay > 0) λ₁(H + wd·I), the update's "
+                                        "curvature (every curvature column likewise)"),
+    Column("lambda_precond", _F, "1/θ", "λ₁(P⁻¹H), P the preconditioner of Adam's update "
+                                        "(sharpness.adam_preconditioner; Adam/AdamW only)"),
     Column("threshold", _F, "1/η", "the optimizer's stability threshold (2/η, ...)"),
     Column("ratio", _F, "1", "(λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold"),
     Column("eig_residual", _F, "1", "relative residual ‖Hv − λv‖/|λ| of the reported λ"),
@@ -95,7 +107,11 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("eig_converged", pa.bool_(), "—", "the residual reached the tolerance"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
-    Column("batch_sharpness", _F, "loss/θ²", "directional curvature gᵀHg/‖g‖² on the training batch"),
+    Column("step_sharpness", _F, "loss/θ²", "gᵀH_Bg/‖g‖² on the step's own training batch B, train mode"),
+    Column("batch_sharpness", _F, "loss/θ²", "batch sharpness: mean of gᵀH_Bg/‖g‖² over fresh training "
+                                             "mini-batches B (g, H_B of the same B; train mode), Monte Carlo"),
+    Column("batch_sharpness_n", _I, "count", "mini-batches the batch sharpness averaged (it stops at "
+                                                   "sharpness.batch_sharpness_rse or _max_batches)"),
     Column("variant_stats", pa.string(), "JSON", "JSON object of the variant's own scalars"),
     Column("fid", _F, "1", "FID of EMA samples vs. real images (eval steps only)"),
     Column("inception_score", _F, "1", "Inception score of the same samples"),
