@@ -9,13 +9,15 @@ Two layouts are understood:
 
   ``trials.parquet`` must have the columns ``trial_id``, ``variant``, ``lr``,
   ``seed`` and ``status`` (:data:`trainers.run.rundir.STATUSES`);
-  ``optimizer``, ``steps_done``, ``final_loss`` and ``fid`` /
-  ``inception_score`` / ``kid`` are used when present, and any other column is
-  kept as it is.
+  ``optimizer``, ``steps_done``, ``final_loss``, ``fid`` /
+  ``inception_score`` / ``kid`` and ``config`` (the RunConfig as JSON: which
+  Adam preconditioner the run measured, :func:`analysis.metrics.opening_steps`)
+  are used when present, and any other column is kept as it is.
 
 * a **single run** (``eos train``): a run folder
   (:class:`trainers.run.rundir.RunDir`: ``config.json``, ``status.json``,
-  ``steps/part-*.parquet``), loaded as a study of one trial.  A run without
+  ``steps/part-*.parquet``), loaded as a study of one trial (its trials row
+  carries ``config.json`` as the ``config`` column).  A run without
   ``status.json`` is ``running``.
 
 Either way the result is a :class:`Study`: ``steps`` has the step-log columns
@@ -23,6 +25,7 @@ plus ``trial_id`` and ``variant``; ``trials`` has one row per trial.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,5 +185,6 @@ def load_run(run_dir: str | os.PathLike,
         "steps_done": status.steps_done if status else (int(steps["step"].max() + 1) if len(steps) else 0),
         "final_loss": float("nan") if final_loss is None else float(final_loss),
         "reason": status.reason if status else None,
+        "config": json.dumps(config, sort_keys=True),
     }])
     return Study(name=trial_id, path=run.path, kind="run", steps=steps, trials=trials)

@@ -126,6 +126,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     import torch
     from ray import tune
 
+    from analysis.metrics import opening_steps
     from trainers.run.loop import train
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per checkpoint
@@ -139,7 +140,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     restore_checkpoint(tune.get_checkpoint(), run)
 
-    monitor = DivergenceMonitor(spec.early_stop)
+    monitor = DivergenceMonitor(spec.early_stop, opening=opening_steps(cfg.to_dict()))
     seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None}
 
     def objective(status: str) -> float:
