@@ -194,11 +194,12 @@ def test_coupled_weight_decay_probe_measures_h_plus_wd(name):
     torch.testing.assert_close(torch.tensor(cols["topk"], dtype=torch.float64), expected, rtol=1e-6, atol=0)
     beta = 0.9 if name == "momentum" else 0.0
     assert cols["ratio"] == pytest.approx(cols["lambda_max"] / ((2 + 2 * beta) / lr), rel=1e-12)
-    # without decay: the loss Hessian alone
+    # without decay: the loss Hessian alone; the same Rademacher probes give a trace smaller by wd·n
     plain = OptimConfig(name=name, lr=lr, momentum=0.9)
-    assert SharpnessProbe(SharpnessConfig(**TIGHT), plain).measure(
-        model, loss, build_optimizer(plain, model.parameters()), lr)["lambda_max"] == pytest.approx(
-        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+    undecayed = SharpnessProbe(SharpnessConfig(topk=2, trace_samples=3, **TIGHT), plain).measure(
+        model, loss, build_optimizer(plain, model.parameters()), lr)
+    assert undecayed["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+    assert cols["hessian_trace"] == pytest.approx(undecayed["hessian_trace"] + wd * n, rel=1e-9)
 
 
 def test_adamw_decoupled_decay_is_not_part_of_the_curvature():

@@ -40,7 +40,10 @@ and residual are float32 values.
 
 The probe leaves training undisturbed: parameters and their ``.grad`` are not
 touched, the global RNG and the global TF32 settings are left as they were
-(its own generator is part of :meth:`SharpnessProbe.state_dict`).
+(its own generator is part of :meth:`SharpnessProbe.state_dict`); the
+training mini-batch closures it is given may draw dropout masks from the
+global generators, which their caller saves and restores
+(:meth:`trainers.run.probing.Probing.measure`).
 
 **Weight decay.**  With coupled L2 weight decay (``optim.weight_decay`` > 0
 on ``gd``, ``momentum`` or ``adam``: PyTorch adds wd·θ to the gradient) the
