@@ -20,6 +20,11 @@ Two layouts are understood:
   carries ``config.json`` as the ``config`` column).  A run without
   ``status.json`` is ``running``.
 
+Before reading, every trial's log is checked against the manifest its
+writer keeps (:func:`trainers.run.steplog.check_log`) and against its
+``steps_done``: a missing or damaged chunk, or a missing step, is a
+:class:`StudyFormatError` that names it in one line.
+
 Either way the result is a :class:`Study`: ``steps`` has the step-log columns
 plus ``trial_id`` and ``variant``; ``trials`` has one row per trial.
 """
@@ -36,7 +41,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from trainers.run.rundir import RUNNING, RunDir
-from trainers.run.steplog import SCHEMA
+from trainers.run.steplog import SCHEMA, StepLogError, check_log, steps_text
 
 # Step-log columns the analysis reads (the list-valued ``topk`` and the JSON
 # ``variant_stats`` are left out unless asked for).
@@ -116,11 +121,47 @@ def read_study_steps(study_dir: str | os.PathLike,
         frame["variant"] = pd.Series(dtype=object)
         frame["trial_id"] = pd.Series(dtype=object)
         return frame
+    verify_logs(sorted(steps_dir.glob("variant=*/trial=*")), where=f"{steps_dir}")
     dataset = ds.dataset(steps_dir, format="parquet", schema=schema,
                          partitioning=ds.partitioning(partitions, flavor="hive"))
     table = dataset.to_table(columns=[*cols, "variant", "trial"])
     frame = table.to_pandas().rename(columns={"trial": "trial_id"})
     return frame.sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def verify_logs(folders: Sequence[Path], where: str) -> None:
+    """Check every trial's step log against its manifest
+    (:func:`trainers.run.steplog.check_log`); a missing or damaged chunk, or a
+    gap, is a :class:`StudyFormatError` naming it, in one line."""
+    errors = [e for e in (check_log(f).error() for f in folders) if e]
+    if errors:
+        more = f" (and {len(errors) - 1} more trial(s) like it under {where})" if len(errors) > 1 else ""
+        raise StudyFormatError(errors[0] + more)
+
+
+def verify_steps_done(steps: pd.DataFrame, trials: pd.DataFrame, where: str) -> None:
+    """Every trial's log holds the steps its ``steps_done`` counts (0…steps_done−1),
+    else a :class:`StudyFormatError` naming the trial and the missing steps."""
+    if "steps_done" not in trials.columns:
+        return
+    have = steps.groupby("trial_id")["step"].apply(lambda s: set(s.astype(int))) if len(steps) else {}
+    for trial, done in zip(trials["trial_id"], trials["steps_done"]):
+        if pd.isna(done):
+            continue
+        logged = have.get(trial, set()) if len(steps) else set()
+        missing = sorted(set(range(int(done))) - logged)
+        if missing:
+            raise StudyFormatError(f"{where}: trial {trial}: {_ranges(missing)} missing from the step log "
+                                   f"({len(missing)} of the {int(done)} steps done)")
+
+
+def _ranges(steps: list[int]) -> str:
+    out, start = [], steps[0]
+    for a, b in zip(steps, steps[1:] + [None]):
+        if b != a + 1:
+            out.append(steps_text(start, a))
+            start = b
+    return ", ".join(out)
 
 
 def read_trials(study_dir: str | os.PathLike) -> pd.DataFrame:
@@ -150,6 +191,7 @@ def load_study(study_dir: str | os.PathLike,
     unknown = sorted(set(steps["trial_id"]) - set(trials["trial_id"]))
     if unknown:
         raise StudyFormatError(f"{study_dir}/steps: trials {unknown[:5]} are not in trials.parquet")
+    verify_steps_done(steps, trials, f"{study_dir}/trials.parquet")
     return Study(name=study_dir.resolve().name, path=study_dir, kind="study", steps=steps, trials=trials)
 
 
@@ -163,7 +205,11 @@ def load_run(run_dir: str | os.PathLike,
         raise StudyFormatError(f"{run.config_file}: missing (a run folder holds config.json, status.json, steps/)")
     status = run.read_status()
     cols = _columns(columns)
-    steps = run.read_steps()[cols].copy()
+    verify_logs([run.steps], where=str(run.steps))
+    try:
+        steps = run.read_steps()[cols].copy()
+    except StepLogError as err:
+        raise StudyFormatError(str(err)) from None
     try:
         variant = config["variant"]["name"]
         optim = config["optim"]
@@ -187,4 +233,5 @@ def load_run(run_dir: str | os.PathLike,
         "reason": status.reason if status else None,
         "config": json.dumps(config, sort_keys=True),
     }])
+    verify_steps_done(steps, trials, str(run.status_file))
     return Study(name=trial_id, path=run.path, kind="run", steps=steps, trials=trials)

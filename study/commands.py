@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _print_plan(spec)
     from study.runner import run_study, summary
+    from trainers.run.atomic import DiskFull
 
     try:
         outcome = run_study(spec, address=args.address, num_cpus=args.num_cpus, autoscale=args.autoscale,
@@ -48,6 +49,9 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"eos study run: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:
+        print(f"eos study run: {e.strerror}", file=sys.stderr)
+        return 1
     print(summary(outcome), flush=True)
     return 0 if outcome.complete and not outcome.errors else 1
 
@@ -55,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from study.runner import resume_study, summary
     from trainers.config import ConfigError
+    from trainers.run.atomic import DiskFull
 
     try:
         outcome = resume_study(args.study, address=args.address, num_cpus=args.num_cpus,
@@ -62,6 +67,9 @@ def _resume(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"eos study resume: {e}", file=sys.stderr)
         return 2
+    except DiskFull as e:
+        print(f"eos study resume: {e.strerror}", file=sys.stderr)
+        return 1
     print(summary(outcome), flush=True)
     return 0 if outcome.complete and not outcome.errors else 1
 

@@ -8,11 +8,13 @@ resumed study — finds the same folder and the trainer resumes it exactly
 
 Every ``trackers.every`` steps the trial reports the step's measurements to
 Tune (:func:`step_metrics`), which hands them to Tune's loggers and the
-spec's trackers (:mod:`study.trackers`).  Every trainer checkpoint is also
-reported to Tune (``tune.report`` with a
-``Checkpoint`` holding the ``ckpt-*.pt`` file): a retried trial gets it from
-``tune.get_checkpoint()`` and puts it back into the run folder when the
-folder lacks it (e.g. the folder was lost), before the trainer resumes.
+spec's trackers (:mod:`study.trackers`); so does every trainer checkpoint,
+with the metrics only: the checkpoint itself stays in the run folder, the one
+copy a retried or resumed trial resumes from (Tune's copy of each checkpoint
+in ``tune/`` doubled the disk a study uses and the time each checkpoint
+takes).  A study started by an earlier version may still have Tune
+checkpoints: a retried trial gets its newest from ``tune.get_checkpoint()``
+and puts it back into the run folder when the folder lacks one as new.
 
 Divergence is a result: the early-stop rules (:mod:`study.early_stop`)
 return ``("diverged", reason)`` from the trainer's ``on_step`` and the trial
@@ -22,15 +24,16 @@ Test-only fault injection: when the driver's environment has
 ``EOS_STUDY_KILL_AT_STEP=<step>:<marker file>``, the first trial to reach
 ``<step>`` creates the marker and SIGKILLs its own worker process (trials
 that find the marker carry on), to exercise Tune's restart from checkpoint.
+``EOS_STUDY_FULL_DISK_AT_STEP=<step>:<marker file>`` instead makes that
+trial's next checkpoint write fail as on a full disk (a partial file, then
+``ENOSPC``), once.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import shutil
 import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,23 +45,29 @@ from study.trials import objective_value, trial_row
 from trainers.run.rundir import DIVERGED, RUNNING, RunDir, checkpoint_step
 
 FAULT_ENV = "EOS_STUDY_KILL_AT_STEP"
+FULL_DISK_ENV = "EOS_STUDY_FULL_DISK_AT_STEP"
 
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Kill the worker once, at ``step``, guarded by an atomically created ``marker`` file."""
+    """Inject a fault once, at ``step``, guarded by an atomically created
+    ``marker`` file: ``kill`` the worker, or make the next checkpoint write
+    fail with ``ENOSPC`` (``full_disk``)."""
     step: int
     marker: str
+    kind: str = "kill"
 
     @classmethod
     def from_env(cls) -> Optional["FaultInjection"]:
-        value = os.environ.get(FAULT_ENV)
-        if not value:
-            return None
-        step, _, marker = value.partition(":")
-        if not marker:
-            raise ValueError(f"{FAULT_ENV}: expected <step>:<marker file>; got {value!r}")
-        return cls(int(step), os.path.abspath(marker))
+        for env, kind in ((FAULT_ENV, "kill"), (FULL_DISK_ENV, "full_disk")):
+            value = os.environ.get(env)
+            if not value:
+                continue
+            step, _, marker = value.partition(":")
+            if not marker:
+                raise ValueError(f"{env}: expected <step>:<marker file>; got {value!r}")
+            return cls(int(step), os.path.abspath(marker), kind)
+        return None
 
     def maybe_kill(self, step: int) -> None:
         if step != self.step:
@@ -67,7 +76,27 @@ class FaultInjection:
             os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
-        os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            _fail_next_torch_save()
+
+
+def _fail_next_torch_save() -> None:
+    """The next ``torch.save`` in this process writes 64 KB, then fails as on a full disk."""
+    import errno
+
+    import torch
+
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        torch.save = original
+        with open(f, "wb") as out:
+            out.write(b"\0" * 65536)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    torch.save = save
 
 
 @dataclass(frozen=True)
@@ -87,13 +116,6 @@ def restore_checkpoint(checkpoint, run: RunDir) -> Optional[Path]:
     with checkpoint.as_directory() as d:
         files = sorted(Path(d).glob(RunDir.CHECKPOINT_GLOB), key=checkpoint_step)
         return run.add_checkpoint(files[-1]) if files else None
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _finite_or_none(value) -> Optional[float]:
@@ -136,9 +158,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     run = layout.prepare_run_dir(key.variant, key.trial_id)
     cfg = spec.run_config(key.variant, key.lr, key.seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
-    for stale in run.path.glob(".tune-checkpoint-*"):  # left by a worker killed while reporting
-        shutil.rmtree(stale, ignore_errors=True)
-    restore_checkpoint(tune.get_checkpoint(), run)
+    restore_checkpoint(tune.get_checkpoint(), run)   # a study of an earlier version (module docstring)
 
     monitor = DivergenceMonitor(spec.early_stop, opening=opening_steps(cfg.to_dict()))
     seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None}
@@ -166,10 +186,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
         return (verdict, monitor.reason) if verdict else None
 
     def on_checkpoint(path: Path, steps_done: int) -> None:
-        metrics = step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING), trial=key.trial_id)
-        with tempfile.TemporaryDirectory(dir=run.path, prefix=".tune-checkpoint-") as d:
-            _link_or_copy(path, Path(d) / path.name)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        tune.report(step_metrics(None, steps_done, status=RUNNING, objective=objective(RUNNING),
+                                 trial=key.trial_id))
 
     train(cfg, run, resume=True, on_step=on_step, on_checkpoint=on_checkpoint, progress=plan.single)
     row = trial_row(layout, run, spec.study.objective)

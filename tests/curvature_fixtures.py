@@ -144,3 +144,19 @@ def unet_blocks_problem():
     t = torch.tensor([10.0, 300.0, 900.0], dtype=torch.float64)
     eps = torch.randn_like(x)
     return model, lambda: ((model(x, t) - eps) ** 2).mean()
+
+
+class TinyDenoiser(nn.Module):
+    """``model(x, t)`` with 79 parameters (1 channel): conv, timestep
+    embedding, GroupNorm, SiLU, conv — a denoiser whose dense Hessian is cheap."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = nn.Conv2d(1, 3, 3, padding=1)
+        self.temb = nn.Linear(4, 3)
+        self.norm = nn.GroupNorm(1, 3)
+        self.conv_out = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.conv_in(x) + self.temb(timestep_embedding(t, 4).to(x.dtype))[:, :, None, None]
+        return self.conv_out(F.silu(self.norm(h)))

@@ -159,3 +159,26 @@ def test_step_log_of_a_run_dir_writes_atomically(tmp_path):
     log.flush()
     assert run.read_steps()["step"].tolist() == [0, 1, 2]
     assert hidden_files(run.path) == []
+
+
+def test_saving_a_checkpoint_never_deletes_the_file_just_written(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.save_checkpoint({"step": 10}, 10, keep=2)
+    for later in (30, 40):   # files of later steps (a resume sets them aside; here they are still there)
+        run.checkpoint_path(later).write_bytes(b"torn")
+    run.save_checkpoint({"step": 20}, 20, keep=2)
+    assert [p.name for p in run.checkpoints()] == ["ckpt-000000010.pt", "ckpt-000000020.pt",
+                                                   "ckpt-000000030.pt", "ckpt-000000040.pt"]
+    run.save_checkpoint({"step": 25}, 25, keep=1)
+    assert run.checkpoint_path(25).is_file() and not run.checkpoint_path(20).exists()
+
+
+def test_add_checkpoint_replaces_a_newer_file_that_does_not_load(tmp_path):
+    source = RunDir(tmp_path / "src")
+    good = source.save_checkpoint({"step": 9}, 9, keep=5)
+    run = RunDir(tmp_path / "r")
+    run.checkpoint_dir.mkdir(parents=True)
+    run.checkpoint_path(9).write_bytes(b"torn")
+    run.checkpoint_path(12).write_bytes(b"torn")
+    assert run.add_checkpoint(good) == run.checkpoint_path(9)
+    assert run.load_latest_checkpoint()["step"] == 9

@@ -60,6 +60,25 @@ def test_slurm_script_is_valid_bash_with_auth_and_a_loopback_dashboard():
     assert "export RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN_PATH" in text
     assert "--dashboard-host=127.0.0.1" in text
     assert re.search(r"eos study run .*--address .*--resume", text)
+    # the token file: ignored by git, removed on any exit; the waits for Ray give up after a while
+    assert "trap 'rm -f \"$RAY_AUTH_TOKEN_PATH\"' EXIT" in text
+    gitignore = (CLUSTERS.parent / ".gitignore").read_text().splitlines()
+    assert "/.ray-auth-token-*" in gitignore
+    assert "until ray status" not in text and re.search(r'wait_for "the Ray head at \$address" ray status', text)
+    assert re.search(r"RAY_WAIT_S=\$\{RAY_WAIT_S:-\d+\}", text)
+
+
+def test_slurm_waits_for_ray_give_up_at_the_deadline(tmp_path):
+    """The script's wait_for, run with a command that never succeeds: it gives up after RAY_WAIT_S."""
+    if not shutil.which("bash"):
+        pytest.skip("no bash")
+    text = (CLUSTERS / "slurm.sbatch").read_text()
+    body = text[text.index("wait_for() {"):]
+    body = body[:body.index("\n}\n") + 3]
+    script = f"RAY_WAIT_S=1\nray() {{ :; }}\n{body}\nwait_for 'the Ray head' false\necho unreachable\n"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "unreachable" not in out.stdout
+    assert "[eos] the Ray head: not ready after 1s; giving up" in out.stderr
 
 
 def test_readme_has_a_section_per_recipe():

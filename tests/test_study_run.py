@@ -21,7 +21,7 @@ from study.layout import StudyLayout  # noqa: E402
 from study.cli import main as cli_main  # noqa: E402
 from study.runner import run_study  # noqa: E402
 from study.spec import load_spec, spec_from_dict  # noqa: E402
-from study.trainable import FAULT_ENV  # noqa: E402
+from study.trainable import FAULT_ENV, FULL_DISK_ENV  # noqa: E402
 from test_study_spec import small_spec  # noqa: E402
 from trainers.config import ConfigError  # noqa: E402
 
@@ -99,6 +99,15 @@ def test_smoke_preset_writes_every_step_of_every_trial(smoke):
         assert (root / row["run_dir"] / "checkpoints").is_dir()
     record = json.loads((root / "study.json").read_text())
     assert spec_from_dict(record["spec"]) == spec
+
+
+def test_every_checkpoint_is_stored_once_in_its_run_folder(smoke):
+    spec, _ = smoke
+    root = spec.study_dir
+    assert not list((root / "tune").rglob("checkpoint_*")), "Tune holds copies of the checkpoints"
+    assert not list((root / "tune").rglob("*.pt"))
+    for run in (root / "runs").iterdir():
+        assert list((run / "checkpoints").glob("ckpt-*.pt")), run
 
 
 def test_report_builds_from_the_smoke_study(smoke, tmp_path):
@@ -216,7 +225,7 @@ def test_a_killed_trial_restarts_from_its_checkpoint_and_logs_each_step_once(fau
     assert first_chunk.is_file() and first_chunk.stat().st_mtime <= marker.stat().st_mtime
 
 
-def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_path):
+def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_path, capsys):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(small_spec(
         study={"name": "intr", "storage": str(tmp_path)},
@@ -235,6 +244,9 @@ def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_
             assert driver.poll() is None, driver.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(0.5)
+        # a second driver on the running study (here `resume`, as an overlapping resubmission) is refused
+        assert cli_main(["study", "resume", str(root), "--verbose", "0"]) == 2
+        assert f"is in use by another driver (pid {driver.pid} " in capsys.readouterr().err
         driver.send_signal(signal.SIGINT)
         output = driver.communicate(timeout=120)[0]
     finally:
@@ -253,6 +265,83 @@ def test_an_interrupted_study_resumes_and_ends_with_all_trials(ray_address, tmp_
     steps = steps_of(root)
     for t in trials.index:
         assert_every_step_once(steps, t, 12)
+
+
+def test_a_study_whose_tune_state_was_cut_short_resumes_from_its_run_folders(ray_address, tmp_path, capsys):
+    """A kill or a full disk while Tune writes its state leaves a 0-byte
+    experiment_state-*.json; Tuner.restore would fail on it (JSONDecodeError,
+    then KeyError 'variant').  Resume sets it aside and continues from the run
+    folders: the trial killed at step 3 resumes from its step-2 checkpoint."""
+    marker = tmp_path / "killed"
+    spec = spec_from_dict(small_spec(study={"name": "cut", "storage": str(tmp_path), "max_failures": 0},
+                                     resources={"max_concurrent": 1}, search={"lr": {"grid": [1e-3]}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, f"3:{marker}")
+        first = run_study(spec, verbose=0)
+    assert marker.is_file() and first.errors == 1
+    root = spec.study_dir
+    states = list((root / "tune").glob("experiment_state-*.json"))
+    assert states
+    for state in states:
+        state.write_bytes(b"")
+    # what a crash mid-write leaves besides (writers' hidden temporaries): cleared when the driver starts
+    run = root / "runs/base_lr0.001_s0"
+    stale = [root / ".trials.parquet.tmp-99999", run / ".status.json.tmp-99999",
+             run / "checkpoints/.ckpt-000000004.pt.tmp-99999", run / "steps/.part-000000002-000000003.parquet.tmp-9"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    capsys.readouterr()
+    outcome = run_study(spec, verbose=0, resume=True)
+    out = capsys.readouterr().out
+    assert f"[eos] removed 4 temporary file(s) left in {root} by an interrupted write" in out
+    assert not any(p.exists() for p in stale)
+    assert f"[eos] Tune's state in {root / 'tune'} is damaged (experiment_state-" in out
+    assert "resuming from the run folders instead" in out
+    assert outcome.complete and outcome.errors == 0
+    assert trials_of(root).loc["base_lr0.001_s0", "status"] == "completed"
+    assert_every_step_once(steps_of(root), "base_lr0.001_s0", 4)
+    assert all((s.parent / f".{s.name}.damaged").is_file() for s in states)
+    chunk = root / "steps/variant=base/trial=base_lr0.001_s0/part-000000000-000000001.parquet"
+    assert chunk.stat().st_mtime <= marker.stat().st_mtime   # steps 0-1 were not trained again
+
+
+def test_a_full_disk_stops_the_study_with_one_clear_line_and_it_resumes(ray_address, tmp_path, capsys):
+    """The first trial's checkpoint after step 2 fails as on a full disk (a
+    partial file, then ENOSPC): the study stops at once (no retries into the
+    full disk), says which file and how much space in one line, removes the
+    partial file, writes the trials table, and `eos study resume` finishes it."""
+    marker = tmp_path / "disk-filled"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(small_spec(
+        study={"name": "full", "storage": str(tmp_path), "max_failures": 2},
+        resources={"max_concurrent": 1}, train={"steps": 6, "checkpoint_every": 2})))
+    root = tmp_path / "full"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FULL_DISK_ENV, f"2:{marker}")
+        assert cli_main(["study", "run", str(spec_path), "--verbose", "0"]) == 1
+    assert marker.is_file(), "the fault was not injected"
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    ckpt = root / "runs/base_lr0.001_s0/checkpoints"   # the first trial (grid order, one at a time)
+    assert line.startswith(f"eos study run: no space left on device: writing {ckpt / 'ckpt-000000004.pt'} "
+                           "failed with "), line
+    assert "it needs about " in line and "(the size of ckpt-000000002.pt)" in line
+    assert line.endswith(f"the study stopped and can be resumed: free space on that file system, then "
+                         f"`eos study resume {root}`")
+    assert "Traceback" not in err
+    assert not list(root.rglob(".*.tmp-*")), "temporary files left behind"
+    trials = trials_of(root)          # written, with the stopped trial unfinished
+    assert trials.loc["base_lr0.001_s0", "status"] == "running"
+    # Tune did not retry the trial into the full disk: one failure only
+    errors = list((root / "tune").glob("base_lr0.001_s0-*/error.txt"))
+    assert len(errors) == 1 and errors[0].read_text().count("Failure #") == 1
+
+    assert cli_main(["study", "resume", str(root), "--verbose", "0"]) == 0   # space again (the marker)
+    trials = trials_of(root)
+    assert len(trials) == 2 and (trials["status"] == "completed").all()
+    steps = steps_of(root)
+    for t in trials.index:
+        assert_every_step_once(steps, t, 6)
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +391,7 @@ def test_boundary_search_under_tune_finds_each_synthetic_boundary(ray_address, t
         assert {t["reason"] for t in entry["trials"] if t["verdict"] == "unstable"} == {"synthetic divergence"}
 
 
-def test_an_interrupted_boundary_study_resumes_its_bracket_without_repeating_trials(ray_address, tmp_path):
+def test_an_interrupted_boundary_study_resumes_its_bracket_without_repeating_trials(ray_address, tmp_path, capsys):
     """A real boundary study (tiny model, Adam; unstable = the loss 20× its first value), stopped with SIGINT
     after two trials and resumed: the bisection goes on from the state file, every lr runs once (one Tune
     trial and one run folder each), and the lrs are the ones an uninterrupted bisection with these verdicts
@@ -326,6 +415,9 @@ def test_an_interrupted_boundary_study_resumes_its_bracket_without_repeating_tri
             assert driver.poll() is None, driver.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "two trials did not finish in time"
             time.sleep(0.3)
+        # a second driver on the running study (here `resume`, as an overlapping resubmission) is refused
+        assert cli_main(["study", "resume", str(root), "--verbose", "0"]) == 2
+        assert f"is in use by another driver (pid {driver.pid} " in capsys.readouterr().err
         driver.send_signal(signal.SIGINT)
         output = driver.communicate(timeout=120)[0]
     finally:

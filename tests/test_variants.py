@@ -208,6 +208,29 @@ def test_edm_loss_is_weighted_denoising_error(schedule):
     assert torch.allclose(v.loss(zero, d).double(), want, rtol=1e-5)
 
 
+def test_edm_loss_is_nvlabs_loss_divided_by_the_pixel_count(schedule):
+    """NVlabs/edm: EDMLoss is weight · (D(y + n) − y)² per pixel, and the
+    training loop backpropagates loss.sum() / batch; ours is the per-example
+    mean over the C·H·W pixels, so NVlabs' objective is C·H·W times ours."""
+    v = make("edm", schedule)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(5, 3, 4, 4, generator=g)
+    d = v.draw(x0, g)
+    net = build_unet("tiny", 8, 3)
+    with torch.no_grad():
+        for p in net.parameters():   # off the zero-initialised output layer
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    sd, sig = 0.5, d.t.reshape(-1, 1, 1, 1)
+    y, n = x0, d.noise * sig
+    x = y + n
+    c_skip, c_out = sd ** 2 / (sig ** 2 + sd ** 2), sig * sd / (sig ** 2 + sd ** 2).sqrt()
+    c_in, c_noise = 1 / (sd ** 2 + sig ** 2).sqrt(), sig.log() / 4
+    D = c_skip * x + c_out * net(c_in * x, c_noise.flatten())
+    nvlabs = ((sig ** 2 + sd ** 2) / (sig * sd) ** 2 * (D - y) ** 2).sum() / len(y)
+    ours = v.loss(net, d).mean()
+    assert torch.allclose(nvlabs, 3 * 4 * 4 * ours, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Min-SNR-γ and v-prediction on a hand-made schedule
 

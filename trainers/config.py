@@ -168,6 +168,9 @@ class VariantConfig:
 HVP_METHODS = ("double_backward", "double_backward_batched", "forward_over_reverse", "forward_over_reverse_vmap")
 #: arithmetic of float32 Hessian-vector products: "float32" (TF32 off) or "tf32" (trainers.curvature.hessian)
 PRECISIONS = ("float32", "tf32")
+#: warm-probe solvers (sharpness.solver) and exploration columns (sharpness.explore)
+SOLVERS = ("track", "lobpcg")
+EXPLORATIONS = ("gradient", "random", "none")
 # which Adam preconditioner λ₁(P⁻¹H) uses (trainers.curvature.thresholds.adam_preconditioner):
 # "update": the one of the update being taken, P = (1 − β₁ᵗ⁺¹)(√v̂ₜ₊₁ + ε) with this step's gradient in v̂
 # (Cohen et al. 2022); "init2winit": √v̂ₜ + ε of the state before the step (google/init2winit)
@@ -180,7 +183,8 @@ class SharpnessConfig:
 
     ``every``: probe every N steps (1: every step, 0: off).  The Hessian is
     taken of the variant's loss on a frozen batch of ``hessian_batch``
-    examples (fixed x₀, t/σ and noise, dropout off).
+    examples (fixed x₀, t/σ and noise, dropout off) that follows the
+    variant's current objective (:mod:`trainers.run.probing`).
     """
     every: int = 1
     hessian_batch: int = 128
@@ -207,6 +211,16 @@ class SharpnessConfig:
     # "tf32": on GPUs with TF32 (compute capability >= 8) LOBPCG searches with TF32 products and checks the
     # answer with float32 ones (reported λ and residual are float32 values); "float32": every product float32
     search_precision: str = "tf32"
+    # "track" (default): a warm probe does one Rayleigh-Ritz step on the previous top Ritz vectors and an
+    # exploration column, and LOBPCG only if that misses tol; "lobpcg": LOBPCG from the previous vectors
+    # (trainers.curvature.lobpcg.track / lobpcg)
+    solver: str = "track"
+    # the exploration column of a warm "track" solve: "gradient" (of the Hessian-batch loss; P^-1/2-scaled for
+    # P^-1 H), "random", or "none" (warm vectors only: can lock onto a stale direction)
+    explore: str = "gradient"
+    # with the TF32 search and the "track" solver: check λ with float32 products every N-th probe (the cold
+    # probe always; 1: every probe, 0: never); the eig_check column holds |λ_TF32 - λ_float32| / λ there
+    verify_every: int = 10
     # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
     # thousands; trainers.curvature.hessian); no effect on the CPU or with other hvp methods
     cuda_graphs: bool = True
@@ -229,6 +243,9 @@ class SharpnessConfig:
         _check(self.trace_samples >= 0, "sharpness.trace_samples", f"must be >= 0; got {self.trace_samples}")
         _choice(self.hvp, HVP_METHODS, "sharpness.hvp")
         _choice(self.search_precision, PRECISIONS, "sharpness.search_precision")
+        _choice(self.solver, SOLVERS, "sharpness.solver")
+        _choice(self.explore, EXPLORATIONS, "sharpness.explore")
+        _check(self.verify_every >= 0, "sharpness.verify_every", f"must be >= 0; got {self.verify_every}")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

@@ -70,6 +70,7 @@ class LOBPCGResult:
     products: int
     converged: bool
     fast_products: int = 0   # of ``products``, those of the cheap search operator (lobpcg_verified)
+    explore: Optional[torch.Tensor] = None   # the next exploration direction (:func:`track`), (n, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def stopping_tolerances(theta: torch.Tensor, nwanted: int, tol: float, accuracy:
     return out.clamp_min(min_tol)
 
 
-def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional[int] = None, k: int = 2,
+def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, AX0: Optional[torch.Tensor] = None,
+           n: Optional[int] = None, k: int = 2,
            nwanted: int = 1, tol: float = 1e-3, guard_tol: Optional[float] = None, max_iters: int = 100,
            accuracy: Optional[float] = None, min_tol: float = 0.0,
            generator: Optional[torch.Generator] = None,
@@ -225,7 +227,9 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
     (X (n×m) ↦ AX (n×m)).
 
     ``X0``: start block (n×j); missing or dependent columns are filled with
-    Gaussian ones from ``generator``.  Without X0, ``n``, ``dtype``, ``device``
+    Gaussian ones from ``generator``.  ``AX0``: the operator applied to X0,
+    when the caller has it already (X0 must then have k independent columns;
+    the start block costs no products).  Without X0, ``n``, ``dtype``, ``device``
     say what vectors to make.  Stops when the ``nwanted`` top columns have
     relative residual ≤ ``tol`` (and, with ``accuracy``, small enough for
     their gaps: :func:`stopping_tolerances`, floored at ``min_tol``) or after
@@ -278,8 +282,12 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
 
     # --- start block: orthonormal, full rank -------------------------------
     X = torch.empty(n, 0, dtype=dtype, device=device)
+    AX = None
     if X0 is not None and X0.shape[1] > 0:
-        X, _ = orthonormalize_against(None, X0[:, :k].to(device=device, dtype=dtype), drop=drop)
+        given = None if AX0 is None else AX0[:, :k].to(device=device, dtype=dtype)
+        X, AX = orthonormalize_against(None, X0[:, :k].to(device=device, dtype=dtype), AU=given, drop=drop)
+        if AX is not None and X.shape[1] < k:
+            AX = None   # dependent columns: the block is completed and applied afresh
     for _ in range(10):
         if X.shape[1] >= k:
             break
@@ -287,7 +295,8 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
         X = torch.cat([X, extra], dim=1)
     if X.shape[1] < k:
         raise RuntimeError("could not build a full-rank start block")
-    AX = apply(X)
+    if AX is None or AX.shape[1] != k:
+        AX = apply(X)
     theta, C = _top_ritz(gram(X, AX), gram(X, X), k, drop)
     X, AX = combine(X, C), combine(AX, C)
     P = AP = None
@@ -321,33 +330,19 @@ def lobpcg(operator: Operator, X0: Optional[torch.Tensor] = None, *, n: Optional
                         products=products, converged=done)
 
 
-def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optional[torch.Tensor] = None, *,
-                    nwanted: int = 1, tol: float = 1e-3, fast_tol: Optional[float] = None,
-                    accuracy: Optional[float] = None, **kwargs) -> LOBPCGResult:
-    """:func:`lobpcg` that iterates with ``fast_operator``, a cheaper and
-    slightly inexact version of ``exact_operator`` (e.g. the same product with
-    TF32 arithmetic), and answers with exact-operator values.
+def verify(search: LOBPCGResult, exact_operator: Operator, *, nwanted: int = 1, tol: float = 1e-3,
+           accuracy: Optional[float] = None, **kwargs) -> LOBPCGResult:
+    """Check a result found with an inexact operator against ``exact_operator``.
 
-    1. LOBPCG with ``fast_operator`` to relative residual ``tol`` (and
-       ``accuracy``, see :func:`lobpcg`), never below ``fast_tol`` (the fast
-       operator's noise floor; default: no floor);
-    2. one ``exact_operator`` product per wanted column: Rayleigh–Ritz of
-       ``exact_operator`` on the wanted Ritz vectors gives their eigenvalues
-       and exact relative residuals;
-    3. if a wanted residual exceeds its tolerance, LOBPCG goes on with
-       ``exact_operator`` from the current block (its start block costs k
-       exact products).
-
-    ``kwargs`` go to :func:`lobpcg` (k, guard_tol, max_iters, generator, n,
-    dtype, device, callback).  ``products`` counts both kinds,
-    ``fast_products`` the fast ones; the guard columns' eigenvalues and
-    residuals are the search's (fast) values unless step 3 ran.
+    One ``exact_operator`` product per wanted column: Rayleigh–Ritz of
+    ``exact_operator`` on the wanted Ritz vectors of ``search`` gives their
+    eigenvalues and exact relative residuals; if a wanted residual exceeds its
+    tolerance (``tol``, ``accuracy``: :func:`stopping_tolerances`), LOBPCG goes
+    on with ``exact_operator`` from the current block (its start block costs k
+    exact products).  ``kwargs`` go to :func:`lobpcg`.  ``products`` counts
+    both kinds, ``fast_products`` those of ``search``; the guard columns'
+    eigenvalues and residuals are the search's unless LOBPCG went on.
     """
-    fast_tol = 0.0 if fast_tol is None else fast_tol
-    if not fast_tol >= 0:
-        raise ValueError(f"fast_tol: must be >= 0; got {fast_tol}")
-    search = lobpcg(fast_operator, X0, nwanted=nwanted, tol=max(tol, fast_tol), accuracy=accuracy, min_tol=fast_tol,
-                    **kwargs)
     X = search.vectors
     Xw = X[:, :nwanted]
     AXw = exact_operator(Xw)
@@ -372,3 +367,93 @@ def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optio
     return LOBPCGResult(eigenvalues=rest.eigenvalues, vectors=rest.vectors, residuals=rest.residuals,
                         iterations=search.iterations + rest.iterations, products=products + rest.products,
                         converged=rest.converged, fast_products=search.products)
+
+
+def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optional[torch.Tensor] = None, *,
+                    nwanted: int = 1, tol: float = 1e-3, fast_tol: Optional[float] = None,
+                    accuracy: Optional[float] = None, **kwargs) -> LOBPCGResult:
+    """:func:`lobpcg` that iterates with ``fast_operator``, a cheaper and
+    slightly inexact version of ``exact_operator`` (e.g. the same product with
+    TF32 arithmetic), and answers with exact-operator values.
+
+    1. LOBPCG with ``fast_operator`` to relative residual ``tol`` (and
+       ``accuracy``, see :func:`lobpcg`), never below ``fast_tol`` (the fast
+       operator's noise floor; default: no floor);
+    2. :func:`verify`: one ``exact_operator`` product per wanted column, and
+       LOBPCG with ``exact_operator`` if a wanted residual misses its tolerance.
+
+    ``kwargs`` go to :func:`lobpcg` (k, guard_tol, max_iters, generator, n,
+    dtype, device, callback).
+    """
+    fast_tol = 0.0 if fast_tol is None else fast_tol
+    if not fast_tol >= 0:
+        raise ValueError(f"fast_tol: must be >= 0; got {fast_tol}")
+    search = lobpcg(fast_operator, X0, nwanted=nwanted, tol=max(tol, fast_tol), accuracy=accuracy, min_tol=fast_tol,
+                    **kwargs)
+    return verify(search, exact_operator, nwanted=nwanted, tol=tol, accuracy=accuracy, **kwargs)
+
+
+def track(operator: Operator, X_warm: torch.Tensor, explore: Optional[torch.Tensor] = None, *, k: int = 2,
+          nwanted: int = 1, tol: float = 1e-3, accuracy: Optional[float] = None, min_tol: float = 0.0,
+          generator: Optional[torch.Generator] = None, callback=None, **kwargs) -> LOBPCGResult:
+    """Top-``k`` eigenpairs from the previous solve's vectors, for an operator
+    that changed a little since: one Rayleigh–Ritz step on the basis
+    S = [X_warm, explore], then LOBPCG only if it is needed.
+
+    ``X_warm`` (n, j): the previous solve's top Ritz vectors; ``explore``
+    (n, 1): a direction from outside them.  S is orthonormalised (dependent or
+    zero columns dropped, random ones added up to k); one operator application
+    per column of S.  If the top ``nwanted`` Ritz pairs pass the tolerances of
+    :func:`lobpcg` (``tol``, ``accuracy``, ``min_tol``) they are the answer,
+    otherwise :func:`lobpcg` continues from the top ``k`` Ritz vectors (``AX0``
+    given: no products for its start block).  ``kwargs`` go to :func:`lobpcg`
+    (guard_tol, max_iters, dtype, device).
+
+    The result's ``explore`` is the next probe's exploration direction: the
+    operator applied to the Ritz vector after the top ``k`` (the one S held
+    beyond them), made orthogonal to the answer's ``k`` vectors — one step of
+    power iteration on what the answer does not span, at no extra product.
+    Carried from probe to probe, it converges to the largest eigenvalue
+    outside the top ``k`` and follows it, so an eigenvalue that rises past λ₁
+    from there, smoothly or at once, appears in the next Rayleigh–Ritz step as
+    a larger Ritz value: a warm start cannot lock onto a stale direction while
+    a larger eigenvalue grows beside it.
+    """
+    n = X_warm.shape[0]
+    dtype, device = X_warm.dtype, X_warm.device
+    drop = _drop_tol(dtype)
+    parts = [X_warm] + ([explore.to(device=device, dtype=dtype)] if explore is not None else [])
+    S, _ = orthonormalize_against(None, torch.cat(parts, dim=1), drop=drop)
+    for _ in range(10):
+        if S.shape[1] >= k:
+            break
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        R = torch.randn(n, k - S.shape[1], generator=generator, dtype=dtype, device=gen_device).to(device)
+        extra, _ = orthonormalize_against(S, R, drop=drop)
+        S = torch.cat([S, extra], dim=1)
+    AS = operator(S)
+    if AS.shape != S.shape:
+        raise ValueError(f"operator returned shape {tuple(AS.shape)} for input {tuple(S.shape)}")
+    products = S.shape[1]
+    theta_all, C = _top_ritz(gram(S, AS), gram(S, S), min(k + 1, S.shape[1]), drop)
+    beyond = combine(AS, C[:, k:k + 1]) if C.shape[1] > k else None   # A · (Ritz vector k+1)
+    theta, C = theta_all[:k], C[:, :k]
+    X, AX = combine(S, C), combine(AS, C)
+    rel = _relative_residuals(AX - combine(X, torch.diag(theta)), theta)
+    theta_cpu = theta.cpu()
+    if callback is not None:
+        callback(0, products, theta_cpu.clone(), rel.clone())
+    if bool((rel[:nwanted] <= stopping_tolerances(theta_cpu, nwanted, tol, accuracy, min_tol)).all()):
+        res = LOBPCGResult(eigenvalues=theta_cpu, vectors=X, residuals=rel, iterations=0, products=products,
+                           converged=True)
+    else:
+        if callback is not None:
+            kwargs["callback"] = lambda it, p, th, r: callback(it, products + p, th, r)
+        rest = lobpcg(operator, X, AX0=AX, k=k, nwanted=nwanted, tol=tol, accuracy=accuracy, min_tol=min_tol,
+                      generator=generator, **kwargs)
+        res = LOBPCGResult(eigenvalues=rest.eigenvalues, vectors=rest.vectors, residuals=rest.residuals,
+                           iterations=rest.iterations, products=products + rest.products, converged=rest.converged)
+    if beyond is not None:
+        nxt, _ = orthonormalize_against(res.vectors, beyond, drop=drop)
+        res.explore = nxt if nxt.shape[1] else None
+    return res

@@ -64,7 +64,7 @@ import torch.nn as nn
 from trainers.config import OptimConfig, SharpnessConfig
 from trainers.curvature.hessian import (CurvatureOperator, Diagonal, DoubleBackwardHessian, Shifted, flatten, gradient,
                                         hessian_operator, trainable_parameters)
-from trainers.curvature.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified
+from trainers.curvature.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified, track, verify
 from trainers.curvature.thresholds import (adam_preconditioner, coupled_weight_decay, is_preconditioned,
                                            stability_threshold)
 
@@ -75,7 +75,8 @@ MicroBatches = Sequence[tuple[LossFn, float]]
 
 #: columns of the step log that :meth:`SharpnessProbe.measure` fills
 COLUMNS = ("lambda_max", "lambda_precond", "ratio", "eig_residual", "eig_iters", "eig_hvps",
-           "eig_converged", "topk", "hessian_trace", "step_sharpness", "batch_sharpness", "batch_sharpness_n")
+           "eig_converged", "eig_check", "topk", "hessian_trace", "step_sharpness", "batch_sharpness",
+           "batch_sharpness_n")
 
 
 def has_tf32(device) -> bool:
@@ -127,45 +128,85 @@ class SharpnessProbe:
         self.preconditioned = is_preconditioned(optim_cfg) and cfg.precondition == "auto"
         self.generator = torch.Generator().manual_seed(seed)
         self.warm: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, k) eigenvector blocks
+        self.explore: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, 1) exploration direction
         self.warm_scale: Optional[torch.Tensor] = None   # P^{-1/2} (n, 1) at the last λ₁(P⁻¹H) solve
         self.probes = 0
 
     # --- state -----------------------------------------------------------
     def state_dict(self) -> dict:
         return {"warm": {k: v.detach().cpu().clone() for k, v in self.warm.items()},
+                "explore": {k: v.detach().cpu().clone() for k, v in self.explore.items()},
                 "warm_scale": None if self.warm_scale is None else self.warm_scale.detach().cpu().clone(),
                 "generator": self.generator.get_state(), "probes": self.probes}
 
     def load_state_dict(self, state: dict) -> None:
-        self.warm = {k: v.clone() for k, v in state.get("warm", {}).items()}
+        """Restore :meth:`state_dict`; tensors may come on any device (they are
+        kept on the CPU: the warm-start blocks move to the operator's device at
+        the next solve, the generator is a CPU generator)."""
+        self.warm = {k: v.detach().to("cpu").clone() for k, v in state.get("warm", {}).items()}
+        self.explore = {k: v.detach().to("cpu").clone() for k, v in state.get("explore", {}).items()}
         scale = state.get("warm_scale")
-        self.warm_scale = None if scale is None else scale.clone()
+        self.warm_scale = None if scale is None else scale.detach().to("cpu").clone()
         if "generator" in state:
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(state["generator"].to("cpu", torch.uint8))
         self.probes = int(state.get("probes", 0))
 
+    def reset_warm_start(self) -> None:
+        """Forget the warm-start vectors: the next solve starts cold (the
+        measured objective changed, e.g. a redrawn Hessian batch)."""
+        self.warm = {}
+        self.explore = {}
+        self.warm_scale = None
+
     # --- one eigenproblem -----------------------------------------------
-    def _solve(self, key: str, operator: CurvatureOperator, transport=None) -> LOBPCGResult:
+    def _solve(self, key: str, operator: CurvatureOperator, transport=None,
+               seed: Optional[Callable[[], torch.Tensor]] = None) -> tuple[LOBPCGResult, Optional[float]]:
+        """(result, check): the top eigenpairs of ``operator``, and — where a
+        TF32 answer was checked with float32 products at this probe — the
+        relative difference of the two λ₁ (else None).  ``seed()``: the
+        exploration column of the first warm ``track`` solve (later ones carry
+        their own, :func:`trainers.curvature.lobpcg.track`)."""
         n, dtype, device = operator.n, operator.dtype, operator.device
         X0 = self.warm.get(key) if self.cfg.warm_start else None
+        E = self.explore.get(key) if X0 is not None else None
         if X0 is not None:
             if X0.shape[0] != n:
                 raise ValueError(f"sharpness probe state: warm-start vectors for {key!r} have {X0.shape[0]} "
                                  f"entries but the model has {n} trainable parameters")
             X0 = X0.to(device=device, dtype=dtype)
+            E = None if E is None else E.to(device=device, dtype=dtype)
             if transport is not None:
                 X0 = transport * X0
+                E = None if E is None else transport * E
+        tf32 = self.cfg.search_precision == "tf32" and has_tf32(device)
+        k = self.cfg.block_size
         # Cold: every column is refined to tol (exploration protects against
         # missing λ₁).  Warm: guards only to √tol, enough for their Ritz values
         # (error ~ residual²) to take over when an eigenvalue overtakes λ₁.
         guard_tol = self.cfg.tol if X0 is None else math.sqrt(self.cfg.tol)
-        kw = dict(n=n, k=self.cfg.block_size, nwanted=self.cfg.topk, tol=self.cfg.tol, guard_tol=guard_tol,
-                  accuracy=self.cfg.accuracy or None, max_iters=self.cfg.max_iters, generator=self.generator,
-                  dtype=dtype, device=device)
-        res = top_eigenpairs(operator, X0, search_tf32=self.cfg.search_precision == "tf32" and has_tf32(device),
-                             **kw)
+        kw = dict(k=k, nwanted=self.cfg.topk, accuracy=self.cfg.accuracy or None, max_iters=self.cfg.max_iters,
+                  generator=self.generator, guard_tol=guard_tol, dtype=dtype, device=device)
+        check: Optional[float] = None
+        if X0 is None or self.cfg.solver == "lobpcg":
+            res = top_eigenpairs(operator, X0, search_tf32=tf32, n=n, tol=self.cfg.tol, **kw)
+        else:
+            if E is None and seed is not None and self.cfg.explore != "none":
+                E = seed()
+            fast = operator.at("tf32") if tf32 else operator
+            floor = TF32_SEARCH_TOL if tf32 else 0.0
+            res = track(fast, X0[:, :k], E, tol=max(self.cfg.tol, floor), min_tol=floor, **kw)
+            nxt = res.explore
+            if tf32 and self.cfg.verify_every > 0 and self.probes % self.cfg.verify_every == 0:
+                fast_top = float(res.eigenvalues[0])
+                for name in ("nwanted", "accuracy"):
+                    kw.pop(name)
+                res = verify(res, operator.at("float32"), nwanted=self.cfg.topk, tol=self.cfg.tol,
+                             accuracy=self.cfg.accuracy or None, **kw)
+                check = abs(fast_top - float(res.eigenvalues[0])) / max(abs(float(res.eigenvalues[0])), 1e-300)
+            if nxt is not None and self.cfg.explore != "none":
+                self.explore[key] = nxt.detach()
         self.warm[key] = res.vectors.detach()
-        return res
+        return res, check
 
     def _transport(self, d: torch.Tensor, n: int, device) -> Optional[torch.Tensor]:
         """Rescaling of the last λ₁(P⁻¹H) vectors to the current D = P^{-1/2}
@@ -174,6 +215,15 @@ class SharpnessProbe:
         if old is None or old.shape[0] != n:
             return None
         return warm_start_transport(d, old.to(device=device, dtype=d.dtype))
+
+    def _seed(self, H: CurvatureOperator) -> torch.Tensor:
+        """The first exploration column of a warm ``track`` solve, in H's
+        coordinates (``sharpness.explore``): the gradient of the Hessian-batch
+        loss (free: the products' gradient graph holds it) or a random vector."""
+        if self.cfg.explore == "gradient" and hasattr(H, "gradient"):
+            return flatten(H.gradient()).to(H.dtype)[:, None]
+        z = torch.randn(H.n, 1, generator=self.generator, dtype=H.dtype)
+        return z.to(H.device)
 
     def _rademacher(self, n: int, m: int, dtype, device) -> torch.Tensor:
         z = torch.randint(0, 2, (n, m), generator=self.generator, dtype=torch.int8)
@@ -205,23 +255,28 @@ class SharpnessProbe:
         with self.hessian(loss_fn, params, model) as H0:
             H = Shifted(H0, wd) if wd else H0   # the update's curvature (module docstring)
             main: Optional[LOBPCGResult] = None
+            check: Optional[float] = None
+            def gradient_seed() -> torch.Tensor:   # the gradient only where a solve asks for it
+                return self._seed(H0)   # the loss gradient (Shifted has none)
             if self.preconditioned:
                 P = adam_preconditioner(optimizer, params, self.cfg.adam_preconditioner, grads)
                 if P is not None:
                     d = flatten(P).to(H.dtype).rsqrt()[:, None]   # P^{-1/2}, (n, 1)
                     D = Diagonal(d[:, 0])
-                    main = self._solve("precond", D @ H @ D, transport=self._transport(d, H.n, H.device))
+                    main, check = self._solve("precond", D @ H @ D, transport=self._transport(d, H.n, H.device),
+                                              seed=lambda: d * gradient_seed())
                     self.warm_scale = d   # a fresh tensor: nothing else holds it
                     cols["lambda_precond"] = float(main.eigenvalues[0])
                     cols["ratio"] = cols["lambda_precond"] / threshold
             if not self.preconditioned or self.cfg.plain_lambda or main is None:
-                plain = self._solve("plain", H)
+                plain, plain_check = self._solve("plain", H, seed=gradient_seed)
                 cols["lambda_max"] = float(plain.eigenvalues[0])
                 if not self.preconditioned:
                     cols["ratio"] = cols["lambda_max"] / threshold
-                main = plain if main is None else main
+                if main is None:
+                    main, check = plain, plain_check
             cols.update(eig_residual=float(main.residuals[0]), eig_iters=int(main.iterations),
-                        eig_hvps=int(main.products), eig_converged=bool(main.converged),
+                        eig_hvps=int(main.products), eig_converged=bool(main.converged), eig_check=check,
                         topk=[float(v) for v in main.eigenvalues[:self.cfg.topk]])
             if self.cfg.trace_samples > 0:
                 Z = self._rademacher(H.n, self.cfg.trace_samples, H.dtype, H.device)

@@ -17,7 +17,8 @@ import yaml
 
 from trainers.config import ConfigError, merge, run_config
 from trainers.diffusion.variants import VARIANTS
-from trainers.run.rundir import RunDir, trial_id
+from trainers.run.rundir import RunDir, RunFolderError, trial_id
+from trainers.run.steplog import StepLogError
 
 DEFAULT_LRS = (1e-3, 5e-4, 1e-4)
 
@@ -88,7 +89,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"[eos] trial {i}/{len(configs)}: {name}", flush=True)
         try:
             results.append(train(cfg, Path(args.out) / name, resume=not args.fresh))
-        except (ConfigError, FileNotFoundError) as e:  # bad config, missing data or Inception weights
+        except (ConfigError, FileNotFoundError, RunFolderError, StepLogError) as e:
+            # bad config, missing data or Inception weights, a run folder that cannot be resumed
             print(f"eos train: {e}", file=sys.stderr)
             return 2
     print(json.dumps([{"trial": r.run_dir.name, "status": r.status, "steps": r.steps_done,

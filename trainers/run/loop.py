@@ -15,9 +15,13 @@ the steps an uninterrupted run would.  The log is flushed right before each
 checkpoint and cut back to the checkpoint on resume: no step is lost or
 written twice.
 
-A NaN/inf loss or gradient, or a loss above ``train.divergence_loss``, ends
-the run with status ``diverged``: a result, recorded like any other (the
-statuses: :mod:`trainers.run.rundir`).
+A NaN/inf loss or gradient, a loss above ``train.divergence_loss``, or a
+non-finite curvature (λ₁ still NaN/inf when the probe retries from a cold
+start) ends the run with status ``diverged``: a result, recorded like any
+other (the statuses: :mod:`trainers.run.rundir`).  A solver failure on a
+healthy run is retried from a cold start, then recorded in the row
+(``eig_error``, null λ) and training goes on
+(:meth:`trainers.run.probing.Probing.measure_or_record`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -39,8 +43,8 @@ from trainers.run.data import Batches, load_images, micro_batch_size
 from trainers.run.optimizers import build_optimizer
 from trainers.run.probing import Probing
 from trainers.run.rng import Purpose, seed_dropout, seed_model_init, step_generator
-from trainers.run.rundir import COMPLETED, DIVERGED, RUNNING, RunDir, RunStatus
-from trainers.run.steplog import StepLog
+from trainers.run.rundir import COMPLETED, DIVERGED, RUNNING, RunDir, RunFolderError, RunStatus
+from trainers.run.steplog import LogCheck, StepLog
 
 #: ``on_step(row)`` after every step: None to go on, or a status to end the
 #: run with (reason "stopped by callback at step N"), or (status, reason).
@@ -76,15 +80,25 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
     ended = run.read_status() if resume else None
     if ended is not None and ended.ended:
         run.prepare(cfg.to_dict(), resume=True)  # still refuses a different config
+        problem = run.step_log().check().error()
+        if problem:
+            raise RunFolderError(f"{problem}; the run is {ended.status} but its log is not whole "
+                                 "(eos train --fresh deletes it and trains again)")
+        if ended.final_loss is None and ended.steps_done > 0:   # written by an older version: the log's
+            ended = replace(ended, final_loss=run.step_log().last_loss())
+            run.write_status(ended)
         return RunResult(ended.status, ended.steps_done, ended.final_loss, ended.reason, run.path)
-    run.prepare(cfg.to_dict(), resume)
 
+    # everything that can fail on bad input (data, model, Inception weights)
+    # fails here, before the run folder is touched: a fresh start deletes the
+    # old run only once the new one is about to write
     trainer = Trainer(cfg)
     if cfg.eval.every:
         trainer.build_sample_metrics(feature_extractor)
+    run.prepare(cfg.to_dict(), resume)
     log = run.step_log()
     report = Progress(cfg, cfg.train.print_every > 0 if progress is None else progress)
-    if resume and trainer.resume(run):
+    if resume and trainer.resume(run, log.check()):
         report.resumed(run, trainer.step)
     log.truncate_after(trainer.step - 1)
 
@@ -98,8 +112,9 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
             evaluate(trainer, run, log, row)
         verdict = on_step(row) if on_step else None
         if diverged:
-            status, reason = DIVERGED, (f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} "
-                                        f"at step {row['step']}")
+            status, reason = DIVERGED, trainer.divergence or (
+                f"loss {row['loss']:.4g}, grad norm {row['grad_norm']:.4g} at step {row['step']}"
+                + (f"; the probe: {row['eig_error']}" if row.get("eig_error") else ""))
             break
         if verdict:
             status, reason = verdict if isinstance(verdict, tuple) else (
@@ -109,16 +124,30 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
             checkpoint(trainer, run, log, row, on_checkpoint)
         report.after_step(trainer.step, row)
 
-    if status == COMPLETED and row is not None:
-        evaluate(trainer, run, log, row, final=True)
-    if status == DIVERGED:
-        log.flush()   # no checkpoint of diverged weights
+    if row is None:
+        # nothing trained here: resumed from the final checkpoint (a run killed
+        # after it, before status.json said completed); the loss is the log's
+        final_loss = log.last_loss()
     else:
-        checkpoint(trainer, run, log, row, on_checkpoint)
-    final_loss = row["loss"] if row is not None else None
+        if status == COMPLETED:
+            evaluate(trainer, run, log, row, final=True)
+        if status == DIVERGED:
+            log.flush()   # no checkpoint of diverged weights
+        else:
+            checkpoint(trainer, run, log, row, on_checkpoint)
+        final_loss = row["loss"]
+    ensure_complete_log(run, log, status, trainer.step)
     run.write_status(RunStatus(status, trainer.step, final_loss, reason, trainer.wall_time))
     report.finished(run, status, trainer.step, final_loss, reason)
     return RunResult(status, trainer.step, final_loss, reason, run.path)
+
+
+def ensure_complete_log(run: RunDir, log: StepLog, status: str, steps_done: int) -> None:
+    """Refuse to mark a run ended unless its log holds steps 0…steps_done−1, each once, intact."""
+    check = log.check()
+    if check.error() or check.reaches != steps_done - 1 or check.last != steps_done - 1:
+        raise RunFolderError(f"{run}: not marked {status} after {steps_done} steps: the step log {check.summary()}"
+                             + (f" ({'; '.join(check.problems)})" if check.problems else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -155,12 +184,17 @@ def train_step(trainer: Trainer) -> tuple[dict, bool]:
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.params, clip))
     diverged = not math.isfinite(loss) or loss > cfg.train.divergence_loss or not math.isfinite(grad_norm)
+    curvature_diverged = None
     if trainer.probing.due(step):
         # no update is taken on a diverged step: no gradient for its preconditioner
         grads = None if diverged else [p.grad for p in trainer.params]
-        row.update(trainer.measure_sharpness(step, lr, draws, grads))
+        columns, curvature_diverged = trainer.probing.measure_or_record(trainer.model, trainer.optimizer, step, lr,
+                                                                        draws, grads)
+        row.update(columns)
     row.update(loss=loss, grad_norm=grad_norm, variant_stats=stats or None)
 
+    trainer.divergence = curvature_diverged if not diverged else None
+    diverged = diverged or curvature_diverged is not None
     if not diverged:
         trainer.optimizer.step()
         trainer.update_ema()
@@ -303,6 +337,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_hessian_batch(cfg: RunConfig, images: int) -> None:
+    """A :class:`ConfigError` when ``sharpness.hessian_batch`` asks for more
+    examples than the Hessian batch is drawn from (``images``, or the fixed
+    training batch of a deterministic objective): the probe would measure a
+    smaller batch than config.json says."""
+    sharp, data = cfg.sharpness, cfg.data
+    if sharp.every == 0:
+        return
+    deterministic = cfg.train.fixed_noise and data.batching != "random"
+    if deterministic and data.batching == "fixed":
+        available, source = data.batch_size, f"the fixed training batch, data.batch_size={data.batch_size}"
+    else:
+        available, source = images, f"the data set's {images} images"
+    if sharp.hessian_batch > available:
+        raise ConfigError(f"sharpness.hessian_batch: {sharp.hessian_batch} is larger than the {available} examples "
+                          f"the Hessian batch is drawn from ({source}); set it to at most {available}")
+
+
 class Trainer:
     """The pieces of one run (model, EMA, variant, data, optimizer, probing);
     :func:`train` drives them.  Exposed so tests and tools (sampling, the
@@ -318,9 +370,11 @@ class Trainer:
         self.schedule = NoiseSchedule.from_config(cfg.schedule)
         self.variant = build_variant(cfg.variant, self.schedule)
         self.batches = Batches(load_images(cfg.data), cfg.data, cfg.train.seed, self.device)
+        check_hessian_batch(cfg, len(self.batches))
         self.optimizer = build_optimizer(cfg.optim, self.params)
         self.probing = Probing(cfg, self.variant, self.batches, self.draws, self.device)
         self.sample_metrics = None  # trainers.run.fid.SampleMetrics when eval.every > 0
+        self.divergence: Optional[str] = None   # why the last step diverged, when the curvature said so
         self.step = 0
         self.wall_time = 0.0
 
@@ -357,9 +411,14 @@ class Trainer:
         self.variant.load_state_dict(state["variant"])
         self.probing.load_state_dict(state.get("probe"))
 
-    def resume(self, run: RunDir) -> bool:
-        """Load the newest readable checkpoint of ``run``; False when there is none."""
-        state = run.load_latest_checkpoint(self.device)
+    def resume(self, run: RunDir, log: Optional[LogCheck] = None) -> bool:
+        """Load the newest readable checkpoint of ``run``; False when there is none.
+        With ``log`` (the run's :meth:`StepLog.check`), the newest one the log
+        reaches (:meth:`RunDir.resumable_checkpoint`, which raises
+        :class:`RunFolderError` when no checkpoint is usable).  Loaded onto
+        the CPU (:meth:`RunDir.load_checkpoint`); :meth:`load_state_dict`
+        moves every tensor to its owner's device."""
+        state = run.load_latest_checkpoint() if log is None else run.resumable_checkpoint(log)
         if state is None:
             return False
         self.load_state_dict(state)

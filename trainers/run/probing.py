@@ -14,23 +14,40 @@ step and batch sharpness (``sharpness.batch_sharpness``) are measured in
 training mode on the step's own batch and on fresh mini-batches of the
 ``BATCH_SHARPNESS`` stream (:meth:`Probing.batch_sharpness_batches`).
 
-The Hessian batch is frozen: fixed x₀, t/σ and noise, redrawn at each probe
-only with ``sharpness.refresh_batch``.  When the training objective is
-deterministic (``train.fixed_noise`` on a ``fixed`` or ``full`` batch: GD on
-one loss), the Hessian batch is that objective's own draw (its first
-``sharpness.hessian_batch`` examples), so λ₁ is the curvature of the loss GD
-actually descends.  Otherwise it is the first ``hessian_batch`` training
-images, unflipped, with t/σ and noise from the ``HESSIAN`` stream
-(:mod:`trainers.run.rng`).
+The Hessian batch is frozen — fixed x₀, t/σ and noise — and follows the
+objective the variant is training on: it is redrawn when the variant's
+objective changes (:meth:`Variant.objective_id
+<trainers.diffusion.variants.base.Variant.objective_id>`, e.g. a new ``pd``
+curriculum stage), at each probe with ``sharpness.refresh_batch`` (not for a
+deterministic objective), and otherwise kept, so that the probe's warm
+starts carry over; at every probe the variant may reweight it to its current
+objective (``follow_objective``: ``adap_s``'s importance weights).  Each
+probe row records which batch it measured on (``hessian_batch_id``: 0 for
+the first, +1 at every redraw); at a change of objective the probe's warm
+start is dropped (the next solve is cold).
+
+When the training objective is deterministic (``train.fixed_noise`` on a
+``fixed`` or ``full`` batch, with a variant whose draw fixed noise fixes —
+not ``adap_s``: GD on one loss), the Hessian batch is the first
+``sharpness.hessian_batch`` examples of that objective's own draw (taken at
+the step the batch is drawn).  λ₁ is then the curvature of the whole
+objective GD descends only when ``hessian_batch`` is at least the batch
+(``data.batch_size``, or the data set with ``full``); otherwise it is that of
+the mean loss over those first examples (their per-example terms of the
+objective, STF's references into the whole batch included).  Otherwise the
+Hessian batch is the first ``hessian_batch`` training images, unflipped,
+with t/σ and noise from the ``HESSIAN`` stream (:mod:`trainers.run.rng`),
+drawn by the variant's ``hessian_draw``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from trainers.config import RunConfig
-from trainers.curvature.probe import MicroBatches, SharpnessProbe
+from trainers.curvature.probe import COLUMNS as PROBE_COLUMNS, MicroBatches, SharpnessProbe
 from trainers.curvature.thresholds import stability_threshold
 from trainers.diffusion.unet import probe_mode
 from trainers.diffusion.variants.base import Draw
@@ -38,6 +55,23 @@ from trainers.run.data import Batches, micro_batch_size
 from trainers.run.rng import Purpose, step_generator, step_seed
 
 LossFn = Callable[[], torch.Tensor]
+
+
+def solver_failure(err: BaseException) -> bool:
+    """Whether ``err`` from a measurement is the numerics failing (recorded,
+    the run goes on) rather than the machine (out of memory, a CUDA or cuDNN
+    error: raised)."""
+    if isinstance(err, torch.linalg.LinAlgError):
+        return True
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    text = str(err)
+    return not any(word in text for word in ("CUDA", "cuDNN", "cuBLAS", "out of memory", "NCCL"))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 class Probing:
@@ -57,6 +91,9 @@ class Probing:
         self.probe: Optional[SharpnessProbe] = (
             SharpnessProbe(cfg.sharpness, cfg.optim) if cfg.sharpness.every > 0 else None)
         self._hessian_draw: Optional[Draw] = None
+        self._objective: Optional[int] = None   # the variant's objective_id when the batch was drawn
+        self._objective_changed = False         # the probe's warm start is due a reset
+        self.hessian_batch_id = 0               # redraws of the Hessian batch so far
 
     # --- what the loop asks -------------------------------------------------
     def threshold(self, lr: float) -> float:
@@ -69,28 +106,71 @@ class Probing:
 
     def measure(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float,
                 train_draws: Union[Draw, Sequence[Draw]], grads=None) -> dict:
-        """The probe's columns (:data:`trainers.curvature.probe.COLUMNS`) at
-        ``step``, before its update, measured now on the frozen Hessian batch
-        with the model in probe mode.  ``train_draws``: the step's training
-        micro-batches (step sharpness); ``grads``: the gradients the coming
-        update reads (Adam's ``update`` preconditioner).  With
-        ``sharpness.batch_sharpness`` the step and batch sharpness are
-        measured in training mode (dropout on), the global generators saved
-        and restored around them (:meth:`batch_sharpness_batches`)."""
+        """The probe's columns (:data:`trainers.curvature.probe.COLUMNS`) and
+        ``hessian_batch_id`` at ``step``, before its update, measured now on
+        the frozen Hessian batch with the model in probe mode.
+        ``train_draws``: the step's training micro-batches (step sharpness);
+        ``grads``: the gradients the coming update reads (Adam's ``update``
+        preconditioner).  With ``sharpness.batch_sharpness`` the step and
+        batch sharpness are measured in training mode (dropout on), the
+        global generators saved and restored around them
+        (:meth:`batch_sharpness_batches`)."""
         if self.probe is None:
             raise RuntimeError("sharpness.every is 0: this run has no sharpness probe")
         if isinstance(train_draws, Draw):
             train_draws = [train_draws]
-        hessian_loss = self.loss(model, self.hessian_draw(step))
+        draw = self.hessian_draw(step)
+        if self._objective_changed:
+            self.probe.reset_warm_start()
+            self._objective_changed = False
+        hessian_loss = self.loss(model, draw)
         if not self.cfg.sharpness.batch_sharpness:
             with probe_mode(model):
-                return self.probe.measure(model, hessian_loss, optimizer, lr, grads=grads)
-        devices = [self.device] if torch.device(self.device).type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), probe_mode(model):
-            step_batch, sample = self.batch_sharpness_batches(model, step, list(train_draws), train=True)
-            cols = self.probe.measure(model, hessian_loss, optimizer, lr, step_batch, grads=grads,
-                                      sample_batch=sample)
-        return cols
+                cols = self.probe.measure(model, hessian_loss, optimizer, lr, grads=grads)
+        else:
+            devices = [self.device] if torch.device(self.device).type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), probe_mode(model):
+                step_batch, sample = self.batch_sharpness_batches(model, step, list(train_draws), train=True)
+                cols = self.probe.measure(model, hessian_loss, optimizer, lr, step_batch, grads=grads,
+                                          sample_batch=sample)
+        return {**cols, "hessian_batch_id": self.hessian_batch_id}
+
+    def measure_or_record(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float,
+                          train_draws: Union[Draw, Sequence[Draw]], grads=None) -> tuple[dict, Optional[str]]:
+        """:meth:`measure`, never raising for the solver: returns the columns
+        and, when the curvature is non-finite, why (the run is diverging).
+
+        A solver failure (:func:`solver_failure`: ``torch.linalg.LinAlgError``,
+        e.g. ``eigh`` on an ill-conditioned Gram matrix, or another
+        ``RuntimeError``/``ValueError`` of the numerics — not running out of
+        memory, not a CUDA error) or a non-finite λ is retried once from a
+        cold start (no warm-start vectors).  When the retry fails too, the
+        probe columns are null and ``eig_error`` says why; a non-finite λ is
+        also returned as the reason, for the loop to end the run ``diverged``."""
+        failure = None
+        for attempt in ("warm", "cold"):
+            if attempt == "cold":
+                self.probe.warm.clear()
+                self.probe.warm_scale = None
+            try:
+                cols = self.measure(model, optimizer, step, lr, train_draws, grads)
+            except (RuntimeError, ValueError) as e:
+                if not solver_failure(e):
+                    raise
+                name = "LinAlgError" if isinstance(e, torch.linalg.LinAlgError) else type(e).__name__
+                failure, non_finite = f"{name}: {_first_line(e)}", False
+                continue
+            bad = [c for c in ("lambda_max", "lambda_precond", "ratio") if cols.get(c) is not None
+                   and not math.isfinite(cols[c])]
+            if not bad:
+                return cols, None
+            failure, non_finite = f"non-finite curvature ({', '.join(f'{c} {cols[c]}' for c in bad)})", True
+        self.probe.warm.clear()   # start the next probe cold
+        self.probe.warm_scale = None
+        reason = f"{failure} at step {step}, also after a cold start"
+        cols = {c: None for c in PROBE_COLUMNS}
+        cols["eig_error"] = reason
+        return cols, (reason if non_finite else None)
 
     # --- the batches of the step and batch sharpness ------------------------------
     def batch_sharpness_batches(self, model: torch.nn.Module, step: int, train_draws: list[Draw],
@@ -167,36 +247,58 @@ class Probing:
         return lambda: self.variant.loss(model, draw).mean()
 
     def deterministic_objective(self) -> bool:
-        """Fixed/full batch with fixed noise: every step minimises the same loss."""
-        return self.cfg.train.fixed_noise and self.cfg.data.batching != "random"
+        """Fixed/full batch with fixed noise (and a variant whose draw that
+        fixes): every step of one objective minimises the same loss."""
+        return (self.cfg.train.fixed_noise and self.cfg.data.batching != "random"
+                and self.variant.deterministic_draw)
 
     def hessian_draw(self, step: int) -> Draw:
-        """The frozen Hessian batch at ``step`` (see the module docstring)."""
+        """The frozen Hessian batch at ``step`` (see the module docstring):
+        drawn at the first call, redrawn at a change of the variant's
+        objective and, with ``sharpness.refresh_batch`` (random objective
+        only), at every call; rebuilt unchanged after a resume; brought to
+        the current objective by the variant's ``follow_objective``."""
         sharp = self.cfg.sharpness
+        objective = self.variant.objective_id(step)
+        first = self._objective is None
+        changed = not first and objective != self._objective
+        refresh = sharp.refresh_batch and not self.deterministic_objective()
+        if first or changed or refresh or self._hessian_draw is None:
+            if not first and (changed or refresh):
+                self.hessian_batch_id += 1
+            self._objective_changed = self._objective_changed or changed
+            self._objective = objective
+            self._hessian_draw = self._build_hessian_draw(step, step if refresh else self.hessian_batch_id)
+        return self.variant.follow_objective(self._hessian_draw, step)
+
+    def _build_hessian_draw(self, step: int, stream_step: int) -> Draw:
+        examples = self.cfg.sharpness.hessian_batch
         if self.deterministic_objective():
-            if self._hessian_draw is None:
-                draw = self.draws(step)
-                examples = min(sharp.hessian_batch, sum(len(d) for d in draw))
-                full = draw[0] if len(draw) == 1 else type(draw[0])(
-                    *(torch.cat([getattr(d, f) for d in draw]) for f in ("x0", "t", "noise", "input_noise")),
-                    draw[0].extra)
-                self._hessian_draw = full.split(examples)[0]
-            return self._hessian_draw
-        if self._hessian_draw is None or sharp.refresh_batch:
-            x0 = self.batches.hessian_batch(sharp.hessian_batch)
-            s = step if sharp.refresh_batch else 0
-            self._hessian_draw = self.variant.draw(x0, step_generator(self.cfg.train.seed, s, Purpose.HESSIAN,
-                                                                      self.device), s)
-        return self._hessian_draw
+            whole = Draw.concatenate(self.draws(step))
+            return whole.take(slice(0, min(examples, len(whole))))
+        x0 = self.batches.hessian_batch(examples)
+        g = step_generator(self.cfg.train.seed, stream_step, Purpose.HESSIAN, self.device)
+        return self.variant.hessian_draw(x0, g, step)
 
     # --- state ------------------------------------------------------------------
     def state_dict(self) -> Optional[dict]:
-        """The probe's state (warm-start vectors, its generator), None without a probe.
-        The Hessian batch is not saved: the first probe after a resume
-        rebuilds it from the seed (a deterministic objective's: from the
-        variant's draw at that step)."""
-        return self.probe.state_dict() if self.probe is not None else None
+        """The probe's state (warm-start vectors, its generator) and which
+        Hessian batch it measures on (its id and the variant's objective
+        then), None without a probe.  The Hessian batch itself is not saved:
+        the first probe after a resume rebuilds it from the seed and the
+        batch id (a deterministic objective's: from the variant's draw at
+        that step, which is the same within one objective)."""
+        if self.probe is None:
+            return None
+        return {"probe": self.probe.state_dict(), "hessian_batch_id": self.hessian_batch_id,
+                "objective": self._objective, "objective_changed": self._objective_changed}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         if self.probe is not None and state:
-            self.probe.load_state_dict(state)
+            if "probe" not in state:   # a checkpoint from before the batch id: the probe's state alone
+                state = {"probe": state}
+            self.probe.load_state_dict(state["probe"])
+            self.hessian_batch_id = int(state.get("hessian_batch_id", 0))
+            self._objective = state.get("objective")
+            self._objective_changed = bool(state.get("objective_changed", False))
+            self._hessian_draw = None

@@ -21,7 +21,7 @@ table, the analysis and the reports (:data:`STATUS_MEANINGS`):
   ``status.json`` is running too (killed before its first checkpoint);
 * ``completed``: trained to ``train.steps`` — a result;
 * ``diverged``: the loss became NaN/inf or exceeded ``train.divergence_loss``,
-  or an early-stop rule fired — a result;
+  the curvature became NaN/inf, or an early-stop rule fired — a result;
 * ``stopped``: ended early on request (a step callback's verdict, e.g. a
   time budget); not resumed;
 * ``error``: the study gave up on the trial after ``study.max_failures``
@@ -39,11 +39,11 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from trainers.config import ConfigError
 from trainers.run.atomic import remove_stale_temporaries, write_atomic, write_json_atomic
-from trainers.run.steplog import StepLog, read_steps
+from trainers.run.steplog import MANIFEST, LogCheck, StepLog, check_log, read_steps
 
 RUNNING, COMPLETED, DIVERGED, STOPPED, ERROR = "running", "completed", "diverged", "stopped", "error"
 STATUSES = (COMPLETED, DIVERGED, STOPPED, RUNNING, ERROR)
@@ -52,7 +52,8 @@ ENDED = (COMPLETED, DIVERGED, STOPPED)     # a run that train() returns without 
 STATUS_MEANINGS = {
     RUNNING: "not finished; resuming continues it from its newest checkpoint",
     COMPLETED: "trained to train.steps (a result)",
-    DIVERGED: "the loss became NaN/inf or exceeded train.divergence_loss, or an early-stop rule fired (a result)",
+    DIVERGED: "the loss became NaN/inf or exceeded train.divergence_loss, the curvature became NaN/inf, "
+              "or an early-stop rule fired (a result)",
     STOPPED: "ended early on request (a step callback, e.g. a time budget); not resumed",
     ERROR: "the study gave up on the trial after study.max_failures retries",
 }
@@ -66,6 +67,12 @@ def trial_id(variant: str, lr: float, seed: int) -> str:
     resumes it.  ``repr`` keeps every digit of the learning rate (Optuna's
     proposals) while grid values stay short (``base_lr0.001_s0``)."""
     return f"{variant}_lr{float(lr)!r}_s{int(seed)}"
+
+
+class RunFolderError(RuntimeError):
+    """The files of a run folder contradict each other (no checkpoint that the
+    step log reaches, a chunk missing); the message, one line, says what and
+    what to do."""
 
 
 @dataclass(frozen=True)
@@ -191,31 +198,99 @@ class RunDir:
         return sorted(self.checkpoint_dir.glob(self.CHECKPOINT_GLOB), key=checkpoint_step)
 
     def save_checkpoint(self, state: dict, steps_done: int, keep: int) -> Path:
-        """Write ``state`` as ``ckpt-<steps_done>.pt`` and delete all but the newest ``keep``."""
+        """Write ``state`` as ``ckpt-<steps_done>.pt`` and delete the older ones
+        but the newest ``keep - 1``: never the file just written (a file of a
+        later step, which a resume sets aside first, is left alone)."""
         import torch
 
         path = write_atomic(self.checkpoint_path(steps_done), lambda tmp: torch.save(state, tmp))
-        for old in self.checkpoints()[:-keep]:
+        older = [p for p in self.checkpoints() if checkpoint_step(p) < steps_done]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             old.unlink()
         return path
 
     def add_checkpoint(self, source: Path) -> Optional[Path]:
-        """Copy the checkpoint file ``source`` in, unless the folder already
-        has one at least as new; returns the new file or None."""
-        have = self.checkpoints()
-        if have and checkpoint_step(have[-1]) >= checkpoint_step(source):
+        """Copy the checkpoint file ``source`` in (e.g. Tune's copy), unless the
+        folder already has one at least as new that loads; returns the new file
+        or None.  A same-named file that does not load is replaced."""
+        step = checkpoint_step(source)
+        if any(self.load_checkpoint(p, quiet=True) is not None for p in self.checkpoints()
+               if checkpoint_step(p) >= step):
             return None
         return write_atomic(self.checkpoint_dir / source.name, lambda tmp: shutil.copyfile(source, tmp))
 
-    def load_latest_checkpoint(self, map_location: Any = None) -> Optional[dict]:
-        """The newest checkpoint that loads (a damaged file falls back to the one before), or None."""
+    @property
+    def unused_checkpoint_dir(self) -> Path:
+        return self.checkpoint_dir / "unused"
+
+    def set_aside(self, paths: list[Path], why: str) -> None:
+        """Move checkpoint files into ``checkpoints/unused/`` (never deleted: a
+        person may want them), saying so on stderr."""
+        if not paths:
+            return
+        self.unused_checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            os.replace(p, self.unused_checkpoint_dir / p.name)
+        print(f"[eos] moved {', '.join(p.name for p in paths)} to {self.unused_checkpoint_dir} ({why})",
+              file=sys.stderr)
+
+    def resumable_checkpoint(self, log: LogCheck) -> Optional[dict]:
+        """The state to resume from: the newest checkpoint that loads and that
+        the step log reaches (``log``: :meth:`StepLog.check`; a checkpoint after
+        N steps needs logged steps 0…N−1).  Newer checkpoint files (unreadable,
+        or beyond the log) are set aside, not deleted.  None when there is no
+        checkpoint file; :class:`RunFolderError` when there are some but none
+        is usable — the run is not restarted from step 0 over a log that says
+        otherwise, and never goes on past a gap."""
+        unusable = []
+        for path in reversed(self.checkpoints()):
+            state = self.load_checkpoint(path)
+            if state is None:
+                unusable.append(f"{path.name} does not load")
+                continue
+            steps = int(state["step"])
+            if steps - 1 > log.reaches:
+                unusable.append(f"{path.name} needs logged steps 0–{steps - 1} but the step log {log.summary()}")
+                continue
+            self.set_aside([p for p in self.checkpoints() if checkpoint_step(p) > steps],
+                           f"resuming at step {steps}: " + "; ".join(unusable))
+            return state
+        if not unusable:
+            return None
+        problems = "; ".join(log.problems)
+        raise RunFolderError(
+            f"{self.path}: cannot resume: {'; '.join(unusable)}"
+            + (f" ({problems})" if problems else "")
+            + f"; put a checkpoint the log reaches into {self.checkpoint_dir} "
+              "or start over (eos train --fresh deletes this run's checkpoints and step log)")
+
+    def load_checkpoint(self, path: Path, *, quiet: bool = False) -> Optional[dict]:
+        """The trainer state in checkpoint ``path``, loaded onto the CPU, or None
+        when the file does not load (the reason goes to stderr).
+
+        Always the CPU, whatever device the run trains on: each owner's
+        ``load_state_dict`` puts its tensors on its own device (the model's
+        and optimizer's on the parameters', the probe's generator state stays
+        a CPU ``ByteTensor``).  Loading with ``map_location=<training device>``
+        would move the probe's CPU generator state to the GPU, where
+        ``Generator.set_state`` rejects it."""
         import torch
 
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a damaged file: the caller tries the previous one
+            if not quiet:
+                print(f"[eos] skipping unreadable checkpoint {path.name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",
+                      file=sys.stderr)
+            return None
+
+    def load_latest_checkpoint(self) -> Optional[dict]:
+        """The newest checkpoint that loads (a damaged file falls back to the one before), or None;
+        on the CPU (:meth:`load_checkpoint`)."""
         for path in reversed(self.checkpoints()):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=False)
-            except Exception as e:  # noqa: BLE001 - a damaged file: try the previous one
-                print(f"[eos] skipping unreadable checkpoint {path.name}: {e}", file=sys.stderr)
+            state = self.load_checkpoint(path)
+            if state is not None:
+                return state
         return None
 
     # --- starting a run -----------------------------------------------------
@@ -232,21 +307,33 @@ class RunDir:
         if self.steps.is_dir():
             for p in self.steps.glob("part-*.parquet"):
                 p.unlink()
+            (self.steps / MANIFEST).unlink(missing_ok=True)
         if self.samples.is_dir():
             for p in self.samples.glob("*.png"):
                 p.unlink()
         self.status_file.unlink(missing_ok=True)
 
+    def trained(self) -> tuple[int, int]:
+        """(checkpoint files, logged steps) of the run here: what a fresh start deletes."""
+        return len(self.checkpoints()), sum(c.rows for c in check_log(self.steps).intact)
+
     def prepare(self, config: dict, resume: bool) -> None:
         """Make the folder ready for a run of ``config``: resuming requires the
-        config already here (if any) to be the same; otherwise the folder is
-        cleared.  Writes ``config.json``."""
+        config already here (if any) to be the same, unless that run never
+        trained a step (no checkpoint, no logged step: nothing to lose, e.g. a
+        first attempt that failed on a typo); otherwise the folder is cleared.
+        Writes ``config.json``."""
         self.path.mkdir(parents=True, exist_ok=True)
         old = self.read_config()
         if resume and old is not None and old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise ConfigError(f"run_dir: {self.path} holds a run with a different config (sections differ: "
-                              f"{', '.join(diff)}); use another run dir or start fresh")
+            checkpoints, steps = self.trained()
+            if checkpoints or steps:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise ConfigError(
+                    f"run_dir: {self.path} holds a run with a different config (sections differ: {', '.join(diff)}) "
+                    f"that has {checkpoints} checkpoint(s) and {steps} logged step(s); use another --out folder, "
+                    "or --fresh to delete them and start over")
+            resume = False
         if not resume and self.has_state():
             self.clear()
         for folder in (self.path, self.checkpoint_dir):

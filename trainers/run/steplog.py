@@ -2,10 +2,14 @@
 
 A run directory holds ``steps/part-<first>-<last>.parquet`` files.  Each chunk
 is written to a temporary file and renamed into place
-(:mod:`trainers.run.atomic`), so a reader never sees half a chunk.  Chunks are flushed together with checkpoints; on resume the log
-is cut back to the checkpoint's step, so no step is ever duplicated or lost.
+(:mod:`trainers.run.atomic`), so a reader never sees half a chunk.  Chunks
+are flushed together with checkpoints; on resume the log is cut back to the
+checkpoint's step, so no step is ever duplicated or lost.  ``_manifest.json``
+(:data:`MANIFEST`) records every chunk (file, step range, rows), so that
+:func:`check_log` names a chunk deleted or damaged afterwards (a resume and
+``eos report`` refuse such a log, in one line).
 
-Schema version 2 (one row per optimizer step; null where not measured).
+Schema version 3 (one row per optimizer step; null where not measured).
 :data:`STEP_COLUMNS` below is its one definition (name, Arrow type, unit,
 meaning) and :data:`UNITS` says what the unit symbols mean (θ: the
 parameters' unit, η: the learning rate's, so that the threshold and the λ in
@@ -34,6 +38,10 @@ eig_iters          int64          count    solver iterations of the estimate
 eig_hvps           int64          count    Hessian-vector products the estimate cost (TF32
                                            search products included)
 eig_converged      bool           —        the residual reached the tolerance
+eig_error          string         —        why a probed step has no curvature: the solver's
+                                           error, again after a cold start (else null)
+eig_check          float64        1        |λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate
+                                           was checked with float32 products at this step
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
 step_sharpness     float64        loss/θ²  gᵀH_Bg/‖g‖² on the step's own training batch B,
@@ -43,6 +51,9 @@ batch_sharpness    float64        loss/θ²  batch sharpness: mean of gᵀH_Bg/�
                                            mode), Monte Carlo
 batch_sharpness_n  int64          count    mini-batches the batch sharpness averaged (it stops
                                            at sharpness.batch_sharpness_rse or _max_batches)
+hessian_batch_id   int64          count    frozen Hessian batch measured on: 0, then +1 at
+                                           each redraw (new variant objective, e.g. pd stage;
+                                           refresh_batch)
 variant_stats      string         JSON     JSON object of the variant's own scalars
 fid                float64        1        FID of EMA samples vs. real images (eval steps only)
 inception_score    float64        1        Inception score of the same samples
@@ -64,9 +75,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from trainers.run.atomic import remove_stale_temporaries, write_atomic
+from trainers.run.atomic import remove_stale_temporaries, write_atomic, write_json_atomic
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,10 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("eig_iters", _I, "count", "solver iterations of the estimate"),
     Column("eig_hvps", _I, "count", "Hessian-vector products the estimate cost (TF32 search products included)"),
     Column("eig_converged", pa.bool_(), "—", "the residual reached the tolerance"),
+    Column("eig_error", pa.string(), "—", "why a probed step has no curvature: the solver's error, again after a "
+                                          "cold start (else null)"),
+    Column("eig_check", _F, "1", "|λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate was checked with float32 "
+                                 "products at this step"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
     Column("step_sharpness", _F, "loss/θ²", "gᵀH_Bg/‖g‖² on the step's own training batch B, train mode"),
@@ -112,6 +127,8 @@ STEP_COLUMNS: tuple[Column, ...] = (
                                              "mini-batches B (g, H_B of the same B; train mode), Monte Carlo"),
     Column("batch_sharpness_n", _I, "count", "mini-batches the batch sharpness averaged (it stops at "
                                                    "sharpness.batch_sharpness_rse or _max_batches)"),
+    Column("hessian_batch_id", _I, "count", "frozen Hessian batch measured on: 0, then +1 at each redraw (new "
+                                            "variant objective, e.g. pd stage; refresh_batch)"),
     Column("variant_stats", pa.string(), "JSON", "JSON object of the variant's own scalars"),
     Column("fid", _F, "1", "FID of EMA samples vs. real images (eval steps only)"),
     Column("inception_score", _F, "1", "Inception score of the same samples"),
@@ -151,13 +168,163 @@ def write_parquet(table: pa.Table, path: Path) -> Path:
     return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
+# ---------------------------------------------------------------------------
+# what a log holds: its chunks, the manifest, the check
+
+#: the record of a log's chunks, beside them (pyarrow's dataset discovery skips
+#: names starting with "_", so a study's dataset stays readable)
+MANIFEST = "_manifest.json"
+CHUNK_GLOB = "part-*.parquet"
+
+
+class StepLogError(ValueError):
+    """A step log with a missing or damaged chunk; the message (one line) names the file."""
+
+
+def chunk_range(path: str | os.PathLike) -> tuple[int, int]:
+    """The first and last step of ``part-<first>-<last>.parquet``."""
+    first, last = Path(path).stem.split("-")[1:3]
+    return int(first), int(last)
+
+
+def steps_text(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}–{last}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of the log as the manifest records it."""
+    file: str
+    first: int
+    last: int
+    rows: int
+
+
+def read_manifest(directory: str | os.PathLike) -> Optional[dict[str, Chunk]]:
+    """The chunks ``_manifest.json`` lists (by file name), None without a readable manifest."""
+    path = Path(directory) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+        return {c["file"]: Chunk(c["file"], int(c["first"]), int(c["last"]), int(c["rows"])) for c in data["chunks"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_manifest(directory: str | os.PathLike, chunks: dict[str, Chunk]) -> None:
+    data = {"schema_version": SCHEMA_VERSION,
+            "chunks": [vars(c) for c in sorted(chunks.values(), key=lambda c: (c.first, c.file))]}
+    write_json_atomic(Path(directory) / MANIFEST, data)
+
+
+@dataclass(frozen=True)
+class LogCheck:
+    """What a log folder holds, checked against its manifest (:func:`check_log`).
+
+    ``intact``: the chunks that are there and whole; ``problems``: one phrase
+    per missing or damaged chunk, naming the file."""
+    directory: Path
+    intact: tuple[Chunk, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def reaches(self) -> int:
+        """The last step of the unbroken run of steps from 0 (-1: no step 0)."""
+        following = 0
+        for c in sorted(self.intact, key=lambda c: c.first):
+            if c.first > following:
+                break
+            following = max(following, c.last + 1)
+        return following - 1
+
+    @property
+    def last(self) -> int:
+        """The last step any intact chunk holds (-1 without one)."""
+        return max((c.last for c in self.intact), default=-1)
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """The step ranges missing between step 0 and :attr:`last`."""
+        out, following = [], 0
+        for c in sorted(self.intact, key=lambda c: c.first):
+            if c.first > following:
+                out.append((following, c.first - 1))
+            following = max(following, c.last + 1)
+        return out
+
+    def summary(self) -> str:
+        """``holds steps 0–24``, ``holds no steps`` or ``holds steps 0–74 but steps 25–49 missing``."""
+        if not self.intact:
+            return "holds no steps"
+        text = f"holds {steps_text(min(c.first for c in self.intact), self.last)}"
+        gaps = self.gaps()
+        return text + (" but " + ", ".join(steps_text(a, b) for a, b in gaps) + " missing" if gaps else "")
+
+    def error(self) -> Optional[str]:
+        """One line naming every missing or damaged chunk and every gap; None for a sound log."""
+        parts = list(self.problems) + [f"{steps_text(a, b)} missing" for a, b in self.gaps()
+                                       if not any(steps_text(a, b) in p for p in self.problems)]
+        return f"{self.directory}: " + "; ".join(parts) if parts else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def check_log(directory: str | os.PathLike) -> LogCheck:
+    """Compare the chunks in ``directory`` with its manifest: a listed chunk
+    that is gone is missing; a chunk whose footer does not read, or whose row
+    count is not its name's step range (and the manifest's), is damaged.
+    Reads only the Parquet footers.  A chunk the manifest does not list yet
+    (a writer killed between the chunk and the manifest) counts when whole."""
+    directory = Path(directory)
+    listed = read_manifest(directory) or {}
+    on_disk = {p.name: p for p in sorted(directory.glob(CHUNK_GLOB))} if directory.is_dir() else {}
+    problems, intact = [], []
+    for name, c in sorted(listed.items(), key=lambda kv: kv[1].first):
+        if name not in on_disk:
+            problems.append(f"{name} is missing ({steps_text(c.first, c.last)}, {c.rows} rows, listed in {MANIFEST})")
+    for name, path in on_disk.items():
+        first, last = chunk_range(path)
+        try:
+            n = pq.read_metadata(path).num_rows
+        except Exception as e:  # noqa: BLE001 - any unreadable footer is a damaged file
+            problems.append(f"{name} is damaged ({_first_line(e)})")
+            continue
+        expected = listed[name].rows if name in listed else last - first + 1
+        if n != expected or n != last - first + 1:
+            problems.append(f"{name} is damaged (holds {n} rows, {steps_text(first, last)} are {last - first + 1})")
+            continue
+        intact.append(Chunk(name, first, last, n))
+    return LogCheck(directory, tuple(intact), tuple(problems))
+
+
 class StepLog:
-    """Buffered, chunked, atomic writer of the per-step log in ``directory``."""
+    """Buffered, chunked, atomic writer of the per-step log in ``directory``.
+
+    Every chunk written or removed is recorded in ``_manifest.json``
+    (:data:`MANIFEST`: file, first and last step, rows; written atomically
+    after the chunk), so :func:`check_log` can tell a chunk that was deleted
+    or damaged afterwards."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._rows: list[dict] = []
+
+    def check(self) -> LogCheck:
+        """:func:`check_log` of this log's folder (the buffered rows are not part of it)."""
+        return check_log(self.directory)
+
+    def _record(self, add: Optional[Chunk] = None, remove: tuple[str, ...] = ()) -> None:
+        listed = read_manifest(self.directory)
+        if listed is None:   # none yet (or a folder from before manifests): what is on disk
+            listed = {p.name: Chunk(p.name, *chunk_range(p), chunk_range(p)[1] - chunk_range(p)[0] + 1)
+                      for p in self.chunks()}
+        for name in remove:
+            listed.pop(name, None)
+        if add is not None:
+            listed[add.file] = add
+        write_manifest(self.directory, listed)
 
     def append(self, **values) -> None:
         self._rows.append(_row(values))
@@ -178,6 +345,7 @@ class StepLog:
         first, last = self._rows[0]["step"], self._rows[-1]["step"]
         path = self.directory / f"part-{first:09d}-{last:09d}.parquet"
         write_parquet(table, path)
+        self._record(add=Chunk(path.name, first, last, table.num_rows))
         self._rows = []
         return path
 
@@ -185,17 +353,36 @@ class StepLog:
         """Drop every logged row with ``step`` > the given step (resume from a
         checkpoint taken at ``step + 1``); also drops buffered rows."""
         self._rows = [r for r in self._rows if r["step"] <= step]
+        listed = read_manifest(self.directory) or {}
+        gone = [name for name, c in listed.items() if c.first > step]   # listed, maybe already missing
         for path in self.chunks():
-            first, last = (int(x) for x in path.stem.split("-")[1:3])
+            first, last = chunk_range(path)
             if first > step:
                 path.unlink()
+                gone.append(path.name)
             elif last > step:
                 table = pq.read_table(path, schema=SCHEMA)
                 keep = table.filter(pc.less_equal(table["step"], step))
                 new = self.directory / f"part-{first:09d}-{step:09d}.parquet"
                 write_parquet(keep, new)
                 path.unlink()
+                self._record(add=Chunk(new.name, first, step, keep.num_rows), remove=(path.name,))
+        if gone or not (self.directory / MANIFEST).exists():
+            self._record(remove=tuple(gone))
         remove_stale_temporaries(self.directory)
+
+    def last_loss(self) -> Optional[float]:
+        """The ``loss`` of the newest logged row (buffered or on disk), None without rows."""
+        if self._rows:
+            return self._rows[-1]["loss"]
+        chunks = self.chunks()
+        if not chunks:
+            return None
+        table = pq.read_table(chunks[-1], columns=["step", "loss"])
+        if table.num_rows == 0:
+            return None
+        losses = table.sort_by("step")["loss"]
+        return losses[len(losses) - 1].as_py()
 
     def last_step(self) -> Optional[int]:
         chunks = self.chunks()
@@ -207,10 +394,16 @@ def read_steps(directory: str | os.PathLike):
     import pandas as pd
 
     directory = Path(directory)
-    files = sorted(directory.glob("part-*.parquet"))
+    files = sorted(directory.glob(CHUNK_GLOB))
     if not files:
         return pd.DataFrame({name: pd.Series(dtype=f.type.to_pandas_dtype()) for name, f in zip(SCHEMA.names, SCHEMA)})
-    table = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, schema=SCHEMA))
+        except Exception as e:  # noqa: BLE001 - name the file, in one line
+            raise StepLogError(f"{f}: damaged Parquet chunk ({_first_line(e)})") from None
+    table = pa.concat_tables(tables)
     return table.to_pandas().sort_values("step").reset_index(drop=True)
 
 

@@ -33,7 +33,18 @@ so the sampler changes *which objective* is optimised (more weight on the
 bins it prefers), as in the paper.  With ``importance_weight: true`` each
 example is weighted by p_uniform(t)/p(t) = |bin|/(T q_b), which keeps the
 uniform-t objective in expectation and only changes its variance.  The
-weight is fixed in the draw, so the frozen Hessian batch is deterministic.
+weight is fixed in the draw.
+
+The frozen Hessian batch follows the moving objective without being
+redrawn: it is a fixed draw with *uniform* t (:meth:`hessian_draw`), and at
+every probe each example is weighted by T·p(t) under the current sampler
+(:meth:`follow_objective`), so that its mean loss is, in expectation over
+the draw, the current training objective E_{t∼p}[ℓ(t)]; with
+``importance_weight`` the training objective is the uniform-t one and the
+Hessian batch is unweighted.  The batch stays fixed, so warm starts carry
+over between probes.  Because the sampler moves at every step, fixed noise
+does not make adap_s's objective deterministic (``deterministic_draw`` is
+False): its Hessian batch is this uniform-t draw in every data mode.
 
 ``state_dict`` holds the logits and the per-bin averages: a resumed run
 draws exactly the same timesteps.
@@ -112,6 +123,24 @@ class AdaptiveSampling(Base):
             size = (hi - lo).to(torch.float64)
             extra["weight"] = (size / (self.schedule.timesteps * q.to(device)[b])).to(torch.float32)
         return Draw(x0=x0, t=t, noise=noise, input_noise=input_noise, extra=extra)
+
+    deterministic_draw = False
+
+    def hessian_draw(self, x0: torch.Tensor, generator: torch.Generator, step: int) -> Draw:
+        """Uniform t (and the bins they fall in), the noise as in training."""
+        t = self.sample_t(x0.shape[0], generator, step, x0.device)
+        noise, input_noise = self.sample_noise(x0, generator)
+        b = torch.searchsorted(self.edges.to(t.device), t, right=True) - 1
+        return Draw(x0=x0, t=t, noise=noise, input_noise=input_noise, extra={"bin": b})
+
+    def follow_objective(self, d: Draw, step: int) -> Draw:
+        """``d`` (uniform t) with the weights T·p(t) of the current sampler
+        (none with ``importance_weight``, whose objective is uniform in t)."""
+        extra = {k: v for k, v in d.extra.items() if k != "weight"}
+        if not self.options.importance_weight:
+            p_t = self.timestep_probabilities().to(d.t.device)[d.t]
+            extra["weight"] = (self.schedule.timesteps * p_t).to(torch.float32)
+        return Draw(d.x0, d.t, d.noise, d.input_noise, extra, d.shared)
 
     def loss_weight(self, d: Draw):
         return d.extra.get("weight")

@@ -25,33 +25,69 @@ from trainers.diffusion.schedules import NoiseSchedule
 
 @dataclass
 class Draw:
-    """The randomness of one loss evaluation on a batch ``x0``.
+    """The randomness of one loss evaluation on a batch ``x0``: a batch type
+    that splits and concatenates along the examples.
 
     ``t``: long timestep indices (discrete variants) or float σ (continuous).
     ``noise``: the regression target's noise ε.  ``input_noise``: the noise
     used to build the network input (differs from ``noise`` only under input
-    perturbation).  ``extra``: variant-specific tensors.
+    perturbation).  ``extra``: variant-specific per-example tensors (first
+    dimension the batch, e.g. adap_s's bins and weights, STF's reference
+    indices), sliced and concatenated with the examples.  ``shared``:
+    variant-specific tensors of the whole draw that every slice keeps whole
+    (STF's reference pool, into which its reference indices point, so they
+    stay valid in every micro-batch).
     """
     x0: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor
     input_noise: torch.Tensor
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    PER_EXAMPLE: ClassVar[tuple[str, ...]] = ("x0", "t", "noise", "input_noise")
+
+    def __post_init__(self):
+        n = self.x0.shape[0]
+        for name, v in [(f, getattr(self, f)) for f in self.PER_EXAMPLE[1:]] + list(self.extra.items()):
+            if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != n:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"Draw.{name}: a per-example field needs first dimension {n} (the batch); "
+                                 f"got {shape} (whole-draw tensors belong in Draw.shared)")
 
     def to(self, device) -> "Draw":
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v
-        return Draw(move(self.x0), move(self.t), move(self.noise), move(self.input_noise),
-                    {k: move(v) for k, v in self.extra.items()})
+        return Draw(*(move(getattr(self, f)) for f in self.PER_EXAMPLE), {k: move(v) for k, v in self.extra.items()},
+                    {k: move(v) for k, v in self.shared.items()})
 
     def __len__(self) -> int:
         return self.x0.shape[0]
 
+    def take(self, index: slice) -> "Draw":
+        """The examples ``index`` (a slice) of this draw; ``shared`` whole."""
+        return Draw(*(getattr(self, f)[index] for f in self.PER_EXAMPLE), {k: v[index] for k, v in self.extra.items()},
+                    self.shared)
+
     def split(self, size: int) -> list["Draw"]:
-        """Consecutive per-example slices of at most ``size`` examples (for
-        gradient accumulation); ``extra`` (e.g. a reference batch) is shared."""
-        n = len(self)
-        return [Draw(self.x0[i:i + size], self.t[i:i + size], self.noise[i:i + size],
-                     self.input_noise[i:i + size], self.extra) for i in range(0, n, size)]
+        """Consecutive slices of at most ``size`` examples (gradient
+        accumulation, full-batch chunks); :meth:`concatenate` inverts it."""
+        return [self.take(slice(i, i + size)) for i in range(0, len(self), size)]
+
+    @staticmethod
+    def concatenate(draws: list["Draw"]) -> "Draw":
+        """The draws' examples one after the other.  They must share one
+        ``shared`` (slices of one draw do)."""
+        if len(draws) == 1:
+            return draws[0]
+        first = draws[0]
+        for d in draws[1:]:
+            if set(d.extra) != set(first.extra) or set(d.shared) != set(first.shared) or any(
+                    d.shared[k] is not v and not (isinstance(v, torch.Tensor) and torch.equal(d.shared[k], v))
+                    for k, v in first.shared.items()):
+                raise ValueError("Draw.concatenate: the draws differ in their extra fields or shared tensors "
+                                 "(only slices of one draw can be concatenated)")
+        return Draw(*(torch.cat([getattr(d, f) for d in draws]) for f in Draw.PER_EXAMPLE),
+                    {k: torch.cat([d.extra[k] for d in draws]) for k in first.extra}, first.shared)
 
 
 @dataclass
@@ -115,6 +151,31 @@ class Variant:
         t = self.sample_t(x0.shape[0], generator, step, x0.device)
         noise, input_noise = self.sample_noise(x0, generator)
         return Draw(x0=x0, t=t, noise=noise, input_noise=input_noise)
+
+    # --- the objective the frozen Hessian batch measures ------------------
+    #: True: with a fixed generator state (``train.fixed_noise``) and a fixed
+    #: batch, ``draw`` gives the same draw at every step of one
+    #: ``objective_id``; False when the draw moves with learned state at every
+    #: step (adap_s's sampler), so that fixed noise does not fix the objective
+    deterministic_draw: ClassVar[bool] = True
+
+    def objective_id(self, step: int) -> int:
+        """Which training objective step ``step``'s draw samples (pd: the
+        curriculum stage).  The frozen Hessian batch is redrawn when it
+        changes (:class:`trainers.run.probing.Probing`).  Default 0: one
+        objective for the whole run."""
+        return 0
+
+    def hessian_draw(self, x0: torch.Tensor, generator: torch.Generator, step: int) -> Draw:
+        """A draw of the objective at ``step`` for the frozen Hessian batch,
+        before :meth:`follow_objective`.  Default: the training draw."""
+        return self.draw(x0, generator, step)
+
+    def follow_objective(self, d: Draw, step: int) -> Draw:
+        """The frozen Hessian draw ``d`` brought to the objective at ``step``
+        without redrawing it (adap_s: importance weights by the current
+        sampler), at every probe.  Default: ``d`` itself."""
+        return d
 
     # --- the loss ---------------------------------------------------------
     def loss(self, model: torch.nn.Module, d: Draw) -> torch.Tensor:

@@ -23,6 +23,14 @@ embedding units per unit of ln σ, what the linear DDPM schedule gives the
 baseline).  On the tiny U-Net (16 px synthetic data, Adam 1e-3, 400 steps)
 scales 1, 100 and 400 reached the same held-out loss (0.347, 0.345, 0.348),
 so the default stays NVlabs' exact input.
+
+Loss scale.  The per-example loss here is λ(σ) times the *mean* over the
+C·H·W pixels of (D_θ − x₀)² (:func:`per_example_mse`, as for every variant);
+NVlabs/edm's ``EDMLoss`` returns the per-pixel error and its training loop
+*sums* it (``loss.sum() / batch``), so NVlabs' loss, gradient and Hessian are
+C·H·W times these (3072 at 32×32×3).  λ₁(H) here is NVlabs' λ₁/(C·H·W), and
+GD/momentum at learning rate η here take NVlabs' step at η/(C·H·W), where the
+threshold comparison is the same; Adam's λ₁(P⁻¹H) is unchanged (up to ε).
 """
 from __future__ import annotations
 

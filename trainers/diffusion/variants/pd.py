@@ -18,6 +18,10 @@ Pacing (when to add the next, harder interval):
 * ``fixed``: stage n = min(N, 1 + ⌊step / stage_steps⌋), a pure function of
   the step (reproducible across learning rates, since it ignores the loss).
 
+The frozen Hessian batch follows the curriculum: it is redrawn in the
+current stage's range at the first probe of each new stage
+(:meth:`objective_id`) and fixed within a stage.
+
 The state (stage, patience counter, best and averaged loss) is in
 ``state_dict`` so that a resumed run continues exactly.
 """
@@ -77,6 +81,10 @@ class ProgressiveDifficulty(Base):
     def t_min(self, stage: int) -> int:
         """Lowest timestep trained at ``stage`` (the union of the top ``stage`` intervals)."""
         return self.interval(self.options.intervals - stage + 1)[0]
+
+    def objective_id(self, step: int) -> int:
+        """The curriculum stage of step ``step``'s draw: the frozen Hessian batch is redrawn at each new stage."""
+        return self.stage_at(step)
 
     def sample_t(self, batch: int, generator: torch.Generator, step: int, device) -> torch.Tensor:
         lo = self.t_min(self.stage_at(step))

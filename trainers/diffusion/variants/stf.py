@@ -16,10 +16,16 @@ built from the perturbed noise while the plain target is the unperturbed ε;
 STF then shifts that plain target by the same correction,
 ε + √ᾱ (x₀ − x̄₀)/√(1 − ᾱ), which is the formula above without perturbation.
 
-The reference batch is drawn from the training (micro-)batch itself:
+The reference batch is drawn from the batch the draw is made of (a
+training step's whole batch, before it is split into micro-batches or
+full-batch chunks; the Hessian batch's own images):
 ``reference_size`` − 1 other images per example, without replacement
-(``null``: the whole batch).  Their indices are part of the draw, so the
-frozen Hessian batch keeps its references.  Distances are computed in
+(``null``: the whole batch).  That batch is the draw's reference pool
+(``Draw.shared["pool"]``) and the reference indices point into it
+(``Draw.extra["ref"]``, per example), so every slice of the draw — a
+micro-batch, the first ``hessian_batch`` examples of a deterministic
+objective — keeps its references: accumulation gives the loss of one big
+batch.  Distances are computed in
 float64 outside autocast: at low noise the logits −‖x_t − √ᾱ x₀ʲ‖²/(2(1−ᾱ))
 are huge and need the precision.
 """
@@ -61,23 +67,26 @@ class StableTargetField(Base):
         d = super().draw(x0, generator, step)
         n = len(d) if self.options.reference_size is None else min(self.options.reference_size, len(d))
         d.extra["ref"] = reference_indices(len(d), n, generator, x0.device)
+        d.shared["pool"] = x0
         return d
 
     def reference_weights(self, d: Draw) -> torch.Tensor:
-        """(B, n) weights w_ij over the reference images ``d.extra["ref"]``."""
+        """(B, n) weights w_ij over the reference images ``d.shared["pool"][d.extra["ref"]]``."""
         with torch.autocast(d.x0.device.type, enabled=False):
             alpha, s = (v.to(torch.float64).reshape(-1, 1) for v in self.scales(d.t, 2))
             x0 = d.x0.to(torch.float64).flatten(1)
+            pool = d.shared["pool"].to(torch.float64).flatten(1)
             x_t = alpha * x0 + s * d.input_noise.to(torch.float64).flatten(1)
-            # ‖x_t,i − α_i x0_j‖² for all pairs, then the reference columns of each row
-            dist = (x_t ** 2).sum(1, keepdim=True) - 2 * alpha * (x_t @ x0.T) + alpha ** 2 * (x0 ** 2).sum(1)[None]
+            # ‖x_t,i − α_i x0_j‖² for every example i and pool image j, then the reference columns of each row
+            dist = (x_t ** 2).sum(1, keepdim=True) - 2 * alpha * (x_t @ pool.T) + alpha ** 2 * (pool ** 2).sum(1)[None]
             logits = -dist.gather(1, d.extra["ref"]) / (2 * s ** 2)
             return torch.softmax(logits, dim=1)
 
     def target(self, d: Draw) -> torch.Tensor:
         w = self.reference_weights(d)
-        dense = torch.zeros(len(d), len(d), dtype=w.dtype, device=w.device).scatter_add_(1, d.extra["ref"], w)
+        pool = d.shared["pool"].to(torch.float64)
+        dense = torch.zeros(len(d), len(pool), dtype=w.dtype, device=w.device).scatter_add_(1, d.extra["ref"], w)
         x0 = d.x0.to(torch.float64)
-        x0_bar = (dense @ x0.flatten(1)).view_as(x0)
+        x0_bar = (dense @ pool.flatten(1)).view_as(x0)
         alpha, s = (v.to(torch.float64) for v in self.scales(d.t, d.x0.ndim))
         return (d.noise.to(torch.float64) + alpha / s * (x0 - x0_bar)).to(d.noise.dtype)
