@@ -9,13 +9,15 @@ Two layouts are understood:
 
   ``trials.parquet`` must have the columns ``trial_id``, ``variant``, ``lr``,
   ``seed`` and ``status`` (:data:`trainers.run.rundir.STATUSES`);
-  ``optimizer``, ``steps_done``, ``final_loss`` and ``fid`` /
-  ``inception_score`` / ``kid`` are used when present, and any other column is
-  kept as it is.
+  ``optimizer``, ``steps_done``, ``final_loss``, ``fid`` /
+  ``inception_score`` / ``kid`` and ``config`` (the RunConfig as JSON: which
+  Adam preconditioner the run measured, :func:`analysis.metrics.opening_steps`)
+  are used when present, and any other column is kept as it is.
 
 * a **single run** (``eos train``): a run folder
   (:class:`trainers.run.rundir.RunDir`: ``config.json``, ``status.json``,
-  ``steps/part-*.parquet``), loaded as a study of one trial.  A run without
+  ``steps/part-*.parquet``), loaded as a study of one trial (its trials row
+  carries ``config.json`` as the ``config`` column).  A run without
   ``status.json`` is ``running``.
 
 Before reading, every trial's log is checked against the manifest its

@@ -9,10 +9,25 @@ probe ran, i.e. ``ratio`` is not null, count):
   ≥ 1, before the first step below 1.  Adam's preconditioner is built from
   the first few gradients only, so λ₁(P⁻¹H) starts far above 38/η and falls
   within a few steps; that is not the edge of stability, and the metrics
-  below start after it.  A curve that starts below 1 has no transient.
-* **EoS onset**: the first step with ratio ≥ 1 after the transient, i.e. the
-  first upward crossing of the threshold; none if it never comes (also when
-  the ratio never drops below 1: ``start_above`` is then true).
+  below start after it.  A curve that starts below 1 has no transient.  How
+  long the transient may last depends on which preconditioner the run
+  measured (``sharpness.adam_preconditioner`` in its config,
+  :func:`opening_steps`):
+
+  - ``init2winit`` (P = √v̂ₜ + ε of the state before the step; also every
+    run whose config predates the option), GD and momentum: until the first
+    step below 1, however late;
+  - ``update`` (the P of the update being taken, Cohen et al. 2022): only
+    during Adam's opening, the first 1/(1 − β₁) steps (10 at β₁ = 0.9, the
+    first moment's memory), while v̂ still averages a handful of gradients
+    and P changes faster than the frozen-P threshold assumes.  The
+    transient ends at the first step below 1 or the first probed step at or
+    after the opening, whichever comes first: a ratio still ≥ 1 there is an
+    onset.
+* **EoS onset**: the first step with ratio ≥ 1 from the end of the transient
+  on, i.e. the first upward crossing of the threshold (or, under ``update``,
+  a ratio still above it after the opening); none if it never comes (also
+  when the transient never ends: ``start_above`` is then true).
 * **fraction near threshold**: among measured steps at or after the onset,
   the fraction with |ratio − 1| ≤ 0.1.
 * **peak ratio**: the largest measured ratio after the transient; none when
@@ -36,6 +51,8 @@ deviation; no band for a single seed), clipped to the metric's natural range
 """
 from __future__ import annotations
 
+import json
+import math
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -71,22 +88,44 @@ def _measured(step, values) -> tuple[np.ndarray, np.ndarray]:
     return step[keep][order], values[keep][order]
 
 
-def transient_end(step, ratio) -> Optional[int]:
-    """The first probed step with ratio < 1 (where the analysed curve
-    starts), or None when the ratio never drops below 1."""
+def opening_steps(config: Optional[dict]) -> Optional[int]:
+    """How many opening steps the initial transient may last for a run of
+    ``config`` (a RunConfig dict): ⌈1/(1 − β₁)⌉ for Adam/AdamW measured with
+    ``sharpness.adam_preconditioner: update``; None (no limit: the transient
+    lasts until the first ratio below 1) for ``init2winit``, a config without
+    the option (runs recorded before it existed measured init2winit's P),
+    ``sharpness.precondition: none``, GD and momentum, or no config."""
+    if not isinstance(config, dict):
+        return None
+    optim, sharp = config.get("optim") or {}, config.get("sharpness") or {}
+    if optim.get("name") not in PRECONDITIONED_OPTIMIZERS or sharp.get("precondition", "auto") != "auto":
+        return None
+    if sharp.get("adam_preconditioner", "init2winit") != "update":
+        return None
+    beta1 = float((optim.get("betas") or (0.9, 0.999))[0])
+    return int(math.ceil(1.0 / (1.0 - beta1) - 1e-9))
+
+
+def transient_end(step, ratio, opening: Optional[int] = None) -> Optional[int]:
+    """The probed step where the analysed curve starts: the first with
+    ratio < 1, or with ``opening`` (:func:`opening_steps`) the first with
+    ratio < 1 or step ≥ ``opening``, whichever comes first; None when there
+    is no such step."""
     s, r = _measured(step, ratio)
-    below = np.nonzero(r < 1.0)[0]
-    return int(s[below[0]]) if len(below) else None
+    end = (r < 1.0) if opening is None else (r < 1.0) | (s >= opening)
+    hits = np.nonzero(end)[0]
+    return int(s[hits[0]]) if len(hits) else None
 
 
-def eos_onset(step, ratio) -> Optional[int]:
-    """The first step with ratio ≥ 1 after the first step with ratio < 1
-    (the first upward crossing of the threshold), or None."""
-    start = transient_end(step, ratio)
+def eos_onset(step, ratio, opening: Optional[int] = None) -> Optional[int]:
+    """The first step with ratio ≥ 1 from the end of the transient on
+    (:func:`transient_end`; without ``opening`` that step has ratio < 1, so
+    this is the first upward crossing of the threshold), or None."""
+    start = transient_end(step, ratio, opening)
     if start is None:
         return None
     s, r = _measured(step, ratio)
-    hits = np.nonzero((r >= 1.0) & (s > start))[0]
+    hits = np.nonzero((r >= 1.0) & (s >= start))[0]
     return int(s[hits[0]]) if len(hits) else None
 
 
@@ -103,12 +142,12 @@ def fraction_near_threshold(step, ratio, onset: Optional[int],
     return float(np.mean(np.abs(after - 1.0) <= tolerance))
 
 
-def peak_ratio(step, ratio) -> float:
-    """The largest ratio after the initial transient (:func:`transient_end`);
-    NaN when the transient never ends (the ratio never drops below 1) or
-    nothing was measured."""
+def peak_ratio(step, ratio, opening: Optional[int] = None) -> float:
+    """The largest ratio after the initial transient (:func:`transient_end`,
+    ``opening`` as there); NaN when the transient never ends (the ratio never
+    drops below 1) or nothing was measured."""
     s, r = _measured(step, ratio)
-    start = transient_end(step, ratio)
+    start = transient_end(step, ratio, opening)
     if start is None:
         return float("nan")
     r = r[s >= start]
@@ -149,13 +188,16 @@ def _last_finite(step: pd.Series, values: pd.Series) -> tuple[float, float]:
     return float(values.iloc[i]), float(step.iloc[i])
 
 
-def trial_metrics(steps: pd.DataFrame) -> dict:
-    """The metrics of one trial from its per-step rows (any order)."""
+def trial_metrics(steps: pd.DataFrame, config: Optional[dict] = None) -> dict:
+    """The metrics of one trial from its per-step rows (any order);
+    ``config``: its RunConfig dict, which says how long the opening
+    transient may last (:func:`opening_steps`)."""
     steps = steps.sort_values("step", kind="stable")
     step, ratio = steps["step"], steps["ratio"]
     lam = ratio.astype(float) * steps["threshold"].astype(float)
-    onset = eos_onset(step, ratio)
-    start = transient_end(step, ratio)
+    opening = opening_steps(config)
+    onset = eos_onset(step, ratio, opening)
+    start = transient_end(step, ratio, opening)
     measured = np.isfinite(ratio.to_numpy(dtype=float))
     loss = steps["loss"].to_numpy(dtype=float)
     last_loss, _ = _last_finite(steps["step"], steps["loss"])
@@ -164,10 +206,10 @@ def trial_metrics(steps: pd.DataFrame) -> dict:
         "reached_eos": onset is not None,
         "start_above": bool(measured.any() and start is None),
         "transient_end": float("nan") if start is None else start,
-        # probed steps spent above threshold before the first dip (0: the curve starts below 1)
+        # probed steps of the opening transient (0: the curve starts below 1)
         "transient_steps": float("nan") if start is None else int((measured & (step.to_numpy() < start)).sum()),
         "frac_near_threshold": fraction_near_threshold(step, ratio, onset),
-        "peak_ratio": peak_ratio(step, ratio),
+        "peak_ratio": peak_ratio(step, ratio, opening),
         # no steps after a transient that never ends
         "sharpening_rate": sharpening_rate(step, lam, onset, start) if start is not None else float("nan"),
         "nonfinite_loss": bool(len(loss) and not np.isfinite(loss).all()),
@@ -182,6 +224,18 @@ def trial_metrics(steps: pd.DataFrame) -> dict:
     return out
 
 
+def trial_config(row: dict) -> Optional[dict]:
+    """The RunConfig dict of a trials-table row (its ``config`` JSON), or None."""
+    text = row.get("config")
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return None
+    try:
+        config = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def per_trial_metrics(study: Study) -> pd.DataFrame:
     """One row per trial: the trials table's identity columns and the metrics."""
     groups = dict(tuple(study.steps.groupby("trial_id", sort=False)))
@@ -189,7 +243,7 @@ def per_trial_metrics(study: Study) -> pd.DataFrame:
     rows = []
     for trial in study.trials.itertuples(index=False):
         row = trial._asdict()
-        m = trial_metrics(groups.get(trial.trial_id, empty))
+        m = trial_metrics(groups.get(trial.trial_id, empty), trial_config(row))
         for name in SAMPLE_METRICS:  # the trials table wins where it has a value
             table_value = row.get(name)
             if table_value is not None and not pd.isna(table_value) and np.isfinite(float(table_value)):

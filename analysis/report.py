@@ -51,13 +51,16 @@ FIGURE_CAPTIONS = {
 DEFINITIONS = [
     ("ratio", "λ₁ / threshold, where λ₁ is the top eigenvalue of P⁻¹H for Adam/AdamW and of H otherwise, and "
               "the threshold is 2/η (GD), (2+2β)/η (momentum) or (2+2β₁)/((1−β₁)η) (Adam)."),
-    ("step curvature", "gᵀHg / ‖g‖² / threshold, the curvature of the training mini-batch loss along its own "
-                       "gradient (`sharpness.batch_sharpness`), for GD and momentum trials."),
+    ("step curvature", "batch sharpness / threshold: the mean over fresh training mini-batches of gᵀH_Bg / ‖g‖², "
+                       "the curvature of a mini-batch loss along its own gradient "
+                       "(`sharpness.batch_sharpness`), for GD and momentum trials."),
     ("initial transient", "leading probed steps whose ratio is already ≥ 1 before it first drops below 1 "
                           "(Adam's preconditioner, built from a few gradients, starts λ₁(P⁻¹H) far above "
-                          "threshold); the metrics below start after it."),
-    ("onset", "first step with ratio ≥ 1 after the transient, i.e. the first upward crossing of the threshold "
-              "(mean over the seeds that reached it; the count is shown)."),
+                          "threshold); for runs measuring Adam's `update` preconditioner "
+                          "(`sharpness.adam_preconditioner`) at most the first 1/(1−β₁) steps. The metrics "
+                          "below start after it."),
+    ("onset", "first step with ratio ≥ 1 from the end of the transient on, i.e. the first upward crossing of the "
+              "threshold (mean over the seeds that reached it; the count is shown)."),
     ("near threshold", f"fraction of probed steps at or after the onset with |ratio − 1| ≤ {M.NEAR_THRESHOLD:.0%}."),
     ("peak ratio", "largest probed ratio after the transient (— when the ratio never drops below 1: every step "
                    "is still in the transient)."),

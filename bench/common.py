@@ -94,7 +94,9 @@ def bench_config(*, preset: str, image_size: int, batch: int, device: str, data:
         "variant": {"name": "base"},
         "data": {**data_cfg, "image_size": image_size, "batch_size": batch},
         "optim": {"name": "adam", "lr": lr},
-        "sharpness": {"every": 1, "hessian_batch": batch},
+        # the benches probe between steps, before the next gradient exists: Adam's P of the state
+        # (init2winit's convention; the solver's cost is the same for either)
+        "sharpness": {"every": 1, "hessian_batch": batch, "adam_preconditioner": "init2winit"},
         "train": {"device": device, "seed": seed, "print_every": 0},
     }
     for text in overrides:
@@ -162,7 +164,7 @@ class Problem:
 
     def preconditioner_scale(self) -> torch.Tensor:
         """d = P^{-1/2} (flat) from Adam's current second moment."""
-        P = adam_preconditioner(self.optimizer, self.params)
+        P = adam_preconditioner(self.optimizer, self.params, self.cfg.sharpness.adam_preconditioner)
         if P is None:
             raise RuntimeError("the preconditioner needs at least one Adam step (--pretrain >= 1)")
         return flatten(P).to(self.dtype).rsqrt()

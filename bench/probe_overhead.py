@@ -64,7 +64,7 @@ def reference_lambdas(pb: Problem, tol: float = 1e-6, seed: int = 0) -> dict:
         params = pb.params
         loss = pb.loss()
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        P = adam_preconditioner(pb.optimizer, params)
+        P = adam_preconditioner(pb.optimizer, params, pb.cfg.sharpness.adam_preconditioner)
         d = None if P is None else flatten(P).double().rsqrt()
 
         def hvp(v: np.ndarray, scale) -> np.ndarray:

@@ -513,7 +513,8 @@ def warm_start(pb: Problem, s: Settings, references: dict[str, Reference], timin
     warm_power = {name: ref_X[name][:, 0].clone() for name in references}
     d_prev = pb.preconditioner_scale()
     probe = SharpnessProbe(SharpnessConfig(block_size=s.block_size, tol=s.tol, accuracy=s.accuracy,
-                                           max_iters=s.max_iters), pb.cfg.optim)
+                                           max_iters=s.max_iters,
+                                           adam_preconditioner=pb.cfg.sharpness.adam_preconditioner), pb.cfg.optim)
     probe.warm = {"plain": ref_X["H"][:, :s.block_size].clone(), "precond": ref_X["P⁻¹H"][:, :s.block_size].clone()}
     probe.warm_scale = d_prev.clone()[:, None]
     power = s.warm_power and refs.missing("hessian_eigenthings") is None

@@ -10,9 +10,11 @@ status it returns):
   ``ratio_above`` for ``ratio_steps`` consecutive measurements (rows without
   a measurement, when ``sharpness.every > 1``, neither count nor reset);
 * **off the edge**: once the EoS onset has come — the first measurement with
-  ratio ≥ 1 after a measurement below 1 (Adam's opening transient, where
-  λ₁(P⁻¹H) starts far above the threshold, is not an onset; the definition
-  of :func:`analysis.metrics.eos_onset`) — the ratio stays above
+  ratio ≥ 1 after a measurement below 1, or, given ``opening``
+  (:func:`analysis.metrics.opening_steps`: runs measuring Adam's ``update``
+  preconditioner), at or after step ``opening`` (Adam's opening transient,
+  where λ₁(P⁻¹H) starts far above the threshold, is not an onset; the
+  definition of :func:`analysis.metrics.eos_onset`) — the ratio stays above
   1 + ``edge_delta`` for ``edge_steps`` consecutive measurements, counted
   from the onset on: the run crossed the threshold and did not settle at it.
 
@@ -41,11 +43,12 @@ def _number(value) -> Optional[float]:
 class DivergenceMonitor:
     """Applies :class:`EarlyStopSection` rules to a run's rows in step order."""
 
-    def __init__(self, rules: EarlyStopSection):
+    def __init__(self, rules: EarlyStopSection, opening: Optional[int] = None):
         self.rules = rules
+        self.opening = opening           # analysis.metrics.opening_steps of the run's config
         self.first_loss: Optional[float] = None
         self.ratio_streak = 0
-        self.below_seen = False          # a measurement with ratio < 1 (the transient is over)
+        self.below_seen = False          # the opening transient is over (a ratio < 1, or the opening passed)
         self.onset: Optional[int] = None  # step of the EoS onset
         self.edge_streak = 0
         self.reason: Optional[str] = None
@@ -80,9 +83,10 @@ class DivergenceMonitor:
                                f"measurements (step {step})")
                 return True
         if ratio is not None:
-            if self.onset is None and self.below_seen and ratio >= 1.0:
+            opened = self.opening is not None and step is not None and step >= self.opening
+            if self.onset is None and (self.below_seen or opened) and ratio >= 1.0:
                 self.onset = step
-            self.below_seen = self.below_seen or ratio < 1.0
+            self.below_seen = self.below_seen or ratio < 1.0 or opened
         delta = self.rules.edge_delta
         if delta is not None and ratio is not None and self.onset is not None:
             self.edge_streak = self.edge_streak + 1 if ratio > 1.0 + delta else 0

@@ -154,6 +154,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     from ray import tune
 
     from trainers.config import ConfigError
+    from analysis.metrics import opening_steps
     from trainers.run.loop import train
     from trainers.run.preflight import check_run_inputs
 
@@ -166,7 +167,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
     restore_checkpoint(tune.get_checkpoint(), run)   # a study of an earlier version (module docstring)
 
-    monitor = DivergenceMonitor(spec.early_stop)
+    monitor = DivergenceMonitor(spec.early_stop, opening=opening_steps(cfg.to_dict()))
     seen = {"primed": False, "loss": None, "fid": None, "row": None, "reported": None, "latest_ratio": None}
 
     def objective(status: str) -> float:

@@ -252,3 +252,74 @@ def test_bad_folders_are_named(tmp_path):
     (path / "trials.parquet").unlink()
     with pytest.raises(StudyFormatError, match="trials.parquet: missing"):
         load(path)
+
+
+# ---------------------------------------------------------------------------
+# the opening transient follows the Adam preconditioner the run measured
+
+
+def _adam_config(convention=None, beta1=0.9, name="adam", precondition="auto"):
+    sharp = {"precondition": precondition}
+    if convention is not None:
+        sharp["adam_preconditioner"] = convention
+    return {"optim": {"name": name, "betas": [beta1, 0.999]}, "sharpness": sharp}
+
+
+def test_opening_steps_follow_the_recorded_convention():
+    from analysis.metrics import opening_steps
+
+    assert opening_steps(_adam_config("update")) == 10            # 1/(1 − 0.9)
+    assert opening_steps(_adam_config("update", beta1=0.95)) == 20
+    assert opening_steps(_adam_config("update", name="adamw")) == 10
+    assert opening_steps(_adam_config("init2winit")) is None
+    assert opening_steps(_adam_config(None)) is None               # a config from before the option
+    assert opening_steps(_adam_config("update", precondition="none")) is None
+    assert opening_steps(_adam_config("update", name="gd")) is None
+    assert opening_steps(None) is None
+
+
+def test_update_convention_limits_the_transient_to_the_opening():
+    """Under ``update`` a ratio still ≥ 1 after the first 1/(1 − β₁) steps is
+    an onset, not a transient; under init2winit the transient runs on until
+    the first ratio below 1."""
+    step = np.arange(40)
+    ratio = np.empty(40)
+    ratio[:3] = [111.0, 4.0, 1.5]            # the opening
+    ratio[3:14] = 1.2                        # still above after step 10
+    ratio[14:] = 0.8 + 0.01 * (step[14:] - 14)   # below from step 14, back above 1 at step 34
+    frame = pd.DataFrame({"step": step, "ratio": ratio, "threshold": 38e3, "loss": 1.0,
+                          "fid": np.nan, "inception_score": np.nan, "kid": np.nan})
+    old = trial_metrics(frame, _adam_config("init2winit"))
+    assert old["transient_end"] == 14 and old["transient_steps"] == 14 and old["onset_step"] == 34
+    new = trial_metrics(frame, _adam_config("update"))
+    assert new["transient_end"] == 10 and new["transient_steps"] == 10 and new["onset_step"] == 10
+    assert new["peak_ratio"] == pytest.approx(1.2)
+    # probed every 4 steps: the first probe at or after the opening is step 12
+    sparse = frame[frame["step"] % 4 == 0]
+    assert trial_metrics(sparse, _adam_config("update"))["onset_step"] == 12
+    # an opening that ends below 1 ends the transient there, as before
+    dip = frame.copy()
+    dip.loc[2, "ratio"] = 0.9
+    m = trial_metrics(dip, _adam_config("update"))
+    assert m["transient_end"] == 2 and m["onset_step"] == 3
+
+
+def test_per_trial_metrics_read_the_convention_from_the_run_config(tmp_path):
+    """A run folder's config.json decides the rule: a ratio that starts at
+    1.5 and falls below 1 only after step 10 is an onset at step 10 under
+    ``update`` and a transient under ``init2winit``."""
+    import json
+
+    from analysis.metrics import trial_config
+
+    trial = SyntheticTrial("base", 1e-3, 0, steps=60, ratio0=1.5, ratio_end=0.6)
+    run = write_run(tmp_path / "run", trial)
+    config = json.loads((run / "config.json").read_text())
+    assert config["sharpness"]["adam_preconditioner"] == "update"      # the default
+    m = per_trial_metrics(load_run(run)).iloc[0]
+    assert m["transient_end"] == 10 and m["onset_step"] == 10
+    config["sharpness"]["adam_preconditioner"] = "init2winit"
+    (run / "config.json").write_text(json.dumps(config))
+    m = per_trial_metrics(load_run(run)).iloc[0]
+    assert m["transient_end"] > 10 and math.isnan(m["onset_step"])
+    assert trial_config({"config": None}) is None and trial_config({}) is None

@@ -33,10 +33,11 @@ def test_probe_mode_is_eval_with_written_out_attention_and_restores_both():
     assert not model.training and all(_attention(model))
 
 
-def test_threshold_on_every_row_and_probe_columns_on_every_third(tmp_path):
+@pytest.mark.parametrize("convention, precond_steps", [("init2winit", [3, 6]), ("update", [0, 3, 6])])
+def test_threshold_on_every_row_and_probe_columns_on_every_third(tmp_path, convention, precond_steps):
     # Adam with warm-up: the lr (and so the threshold (2 + 2·0.9)/((1 − 0.9)·lr) = 38/lr) changes per step
     cfg = tiny_config(train={"steps": 7}, optim={"name": "adam", "lr": 1e-3, "warmup_steps": 4},
-                      sharpness={"every": 3, "hessian_batch": 4, "max_iters": 5})
+                      sharpness={"every": 3, "hessian_batch": 4, "max_iters": 5, "adam_preconditioner": convention})
     train(cfg, tmp_path / "run")
     df = read_steps(tmp_path / "run" / "steps")
     lrs = [1e-3 * min(1.0, (s + 1) / 4) for s in range(7)]
@@ -44,8 +45,9 @@ def test_threshold_on_every_row_and_probe_columns_on_every_third(tmp_path):
     np.testing.assert_allclose(df["threshold"], [38 / lr for lr in lrs], rtol=1e-12)
     probed = df["lambda_max"].notna().tolist()
     assert probed == [s % 3 == 0 for s in range(7)]
-    measured = df[df["lambda_precond"].notna()]   # Adam's P exists from step 1 on: steps 3 and 6
-    assert measured["step"].tolist() == [3, 6]
+    # init2winit's P (the state before the step) exists from step 1 on; the update's P from step 0 on
+    measured = df[df["lambda_precond"].notna()]
+    assert measured["step"].tolist() == precond_steps
     np.testing.assert_allclose(measured["ratio"], measured["lambda_precond"] / measured["threshold"], rtol=1e-12)
 
 

@@ -88,7 +88,7 @@ def test_adam_preconditioned_lambda_matches_dense(name):
     # eigenvalues of the non-symmetric P⁻¹H directly (not through the symmetric form)
     pre = torch.linalg.eigvals(H / P[:, None]).real.sort(descending=True).values[:3]
     plain = top_eigenvalues(H, 3)
-    probe = SharpnessProbe(SharpnessConfig(block_size=4, topk=3, **TIGHT), ocfg)
+    probe = SharpnessProbe(SharpnessConfig(block_size=4, topk=3, adam_preconditioner="init2winit", **TIGHT), ocfg)
     before = {k: [t.clone() for t in s.values() if torch.is_tensor(t)] for k, s in enumerate(opt.state.values())}
     cols = probe.measure(model, loss, opt, 1e-2)
     assert abs(cols["lambda_precond"] - pre[0]) <= 1e-5 * pre[0]
@@ -104,13 +104,15 @@ def test_adam_before_first_step_and_options():
     model, loss = _mlp(seed=5)
     ocfg = OptimConfig(name="adam", lr=1e-3)
     opt = build_optimizer(ocfg, model.parameters())
-    cols = SharpnessProbe(SharpnessConfig(**TIGHT), ocfg).measure(model, loss, opt, 1e-3)
+    cols = SharpnessProbe(SharpnessConfig(adam_preconditioner="init2winit", **TIGHT), ocfg).measure(
+        model, loss, opt, 1e-3)
     assert cols["lambda_precond"] is None and cols["ratio"] is None
     assert cols["lambda_max"] == pytest.approx(float(top_eigenvalues(dense_hessian(model, loss), 1)[0]), rel=1e-6)
     assert cols["topk"] == [cols["lambda_max"]]
 
     opt, _ = _adam_steps(model, loss, ocfg, steps=2)
-    no_plain = SharpnessProbe(SharpnessConfig(plain_lambda=False, **TIGHT), ocfg).measure(model, loss, opt, 1e-3)
+    no_plain = SharpnessProbe(SharpnessConfig(plain_lambda=False, adam_preconditioner="init2winit", **TIGHT),
+                              ocfg).measure(model, loss, opt, 1e-3)
     assert no_plain["lambda_max"] is None and no_plain["lambda_precond"] is not None
     unpre = SharpnessProbe(SharpnessConfig(precondition="none", **TIGHT), ocfg).measure(model, loss, opt, 1e-3)
     assert unpre["lambda_precond"] is None
@@ -194,7 +196,8 @@ def test_adam_threshold_against_hand_simulation_of_frozen_preconditioner(factor)
     step = 7
     state["step"] = torch.tensor(float(step))
     state["exp_avg_sq"] = torch.full_like(model.theta, (p - ocfg.eps) ** 2 * (1 - 0.999 ** step))
-    cols = SharpnessProbe(SharpnessConfig(tol=1e-6), ocfg).measure(model, loss, opt, lr)
+    cols = SharpnessProbe(SharpnessConfig(tol=1e-6, adam_preconditioner="init2winit"), ocfg).measure(
+        model, loss, opt, lr)
     assert cols["lambda_precond"] == pytest.approx(top / p, rel=1e-6)
     assert cols["ratio"] == pytest.approx(factor, rel=1e-6)
 
@@ -235,7 +238,7 @@ def test_batch_sharpness_matches_dense():
     ocfg = OptimConfig(name="gd", lr=0.1)
     cols = SharpnessProbe(SharpnessConfig(batch_sharpness=True), ocfg).measure(
         model, frozen, build_optimizer(ocfg, model.parameters()), 0.1, batch)
-    assert cols["batch_sharpness"] == pytest.approx(expected, rel=1e-10)
+    assert cols["step_sharpness"] == pytest.approx(expected, rel=1e-10)
 
 
 # --- warm start, resume, side effects ------------------------------------------------
@@ -276,7 +279,7 @@ def test_warm_start_follows_the_changing_preconditioner():
     h = torch.randn(n, generator=g, dtype=torch.float64)
     A = 100.0 * torch.outer(h, h) / (h @ h) + torch.diag(torch.linspace(0.01, 0.1, n, dtype=torch.float64))
     ocfg = OptimConfig(name="adam", lr=1e-3)
-    cfg = SharpnessConfig(tol=1e-6, max_iters=300, plain_lambda=False)
+    cfg = SharpnessConfig(tol=1e-6, max_iters=300, plain_lambda=False, adam_preconditioner="init2winit")
     results = {}
     for transport in (True, False):
         model = Quadratic(A, torch.randn(n, generator=torch.Generator().manual_seed(22), dtype=torch.float64))

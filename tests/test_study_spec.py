@@ -275,6 +275,28 @@ def test_replayed_history_gives_the_same_verdict_as_an_uninterrupted_run():
     assert resumed({"step": 2, "loss": 11.0, "ratio": None}) == "diverged"
 
 
+def test_onset_of_the_monitor_is_the_analysis_onset_with_and_without_an_opening():
+    """The early-stop onset is analysis.metrics.eos_onset's, also when the
+    opening transient is limited (runs measuring Adam's update preconditioner)."""
+    import numpy as np
+
+    from analysis.metrics import eos_onset
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(3, 30))
+        ratios = [float(x) for x in rng.choice([0.5, 0.99, 1.0, 1.3, 5.0], size=n)]
+        for i in rng.choice(n, size=n // 4, replace=False):
+            ratios[i] = None
+        opening = [None, int(rng.integers(0, 15))][int(rng.integers(0, 2))]
+        monitor = DivergenceMonitor(EarlyStopSection(loss_blowup=None), opening=opening)
+        for s, x in enumerate(ratios):
+            monitor({"step": s, "loss": 1.0, "ratio": x})
+        steps = [s for s, x in enumerate(ratios) if x is not None]
+        values = [x for x in ratios if x is not None]
+        assert monitor.onset == eos_onset(steps, values, opening), (ratios, opening)
+
+
 # ---------------------------------------------------------------------------
 # the per-variant Optuna searcher, without a cluster
 

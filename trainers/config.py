@@ -108,6 +108,8 @@ class ScheduleConfig:
 OPTIMIZERS = ("gd", "momentum", "adam", "adamw")
 #: the optimizers whose stability threshold applies to P⁻¹H (P from the second-moment estimate) rather than H
 PRECONDITIONED_OPTIMIZERS = ("adam", "adamw")
+#: optimizers whose weight decay is coupled L2 (added to the gradient, so the update's curvature is H + wd·I)
+COUPLED_DECAY_OPTIMIZERS = ("gd", "momentum", "adam")
 
 
 @dataclass
@@ -170,6 +172,10 @@ PRECISIONS = ("float32", "tf32")
 #: warm-probe solvers (sharpness.solver) and exploration columns (sharpness.explore)
 SOLVERS = ("track", "lobpcg")
 EXPLORATIONS = ("gradient", "random", "none")
+# which Adam preconditioner λ₁(P⁻¹H) uses (trainers.curvature.thresholds.adam_preconditioner):
+# "update": the one of the update being taken, P = (1 − β₁ᵗ⁺¹)(√v̂ₜ₊₁ + ε) with this step's gradient in v̂
+# (Cohen et al. 2022); "init2winit": √v̂ₜ + ε of the state before the step (google/init2winit)
+ADAM_PRECONDITIONERS = ("update", "init2winit")
 
 
 @dataclass
@@ -193,8 +199,14 @@ class SharpnessConfig:
     warm_start: bool = True
     precondition: str = "auto"   # auto: P^-1 H for Adam/AdamW, plain H otherwise; or "none"
     plain_lambda: bool = True    # with P^-1 H, also solve for the plain λ₁(H) (a second eigen-solve)
+    adam_preconditioner: str = "update"   # ADAM_PRECONDITIONERS: P of the update being taken, or init2winit's
     trace_samples: int = 0       # Hutchinson probes (0: off)
+    # batch sharpness (Andreyev & Beneventano 2024): Monte-Carlo mean of gᵀH_Bg/‖g‖² over fresh training
+    # mini-batches B in train mode, until its relative standard error is <= batch_sharpness_rse or
+    # batch_sharpness_max_batches batches were drawn (at least 2); also the step's own batch (step_sharpness)
     batch_sharpness: bool = False
+    batch_sharpness_rse: float = 0.01
+    batch_sharpness_max_batches: int = 100
     refresh_batch: bool = False  # draw a new Hessian batch at every probe instead of a fixed one
     hvp: str = "double_backward"  # Hessian-vector product method (HVP_METHODS)
     # "tf32": on GPUs with TF32 (compute capability >= 8) LOBPCG searches with TF32 products and checks the
@@ -224,6 +236,11 @@ class SharpnessConfig:
         _check(0 <= self.accuracy < 1, "sharpness.accuracy", f"must be in [0, 1); got {self.accuracy}")
         _check(self.max_iters >= 1, "sharpness.max_iters", f"must be >= 1; got {self.max_iters}")
         _choice(self.precondition, ("auto", "none"), "sharpness.precondition")
+        _choice(self.adam_preconditioner, ADAM_PRECONDITIONERS, "sharpness.adam_preconditioner")
+        _check(0 < self.batch_sharpness_rse < 1, "sharpness.batch_sharpness_rse",
+               f"must be in (0, 1); got {self.batch_sharpness_rse}")
+        _check(self.batch_sharpness_max_batches >= 2, "sharpness.batch_sharpness_max_batches",
+               f"must be >= 2 (a standard error needs two batches); got {self.batch_sharpness_max_batches}")
         _check(self.trace_samples >= 0, "sharpness.trace_samples", f"must be >= 0; got {self.trace_samples}")
         _choice(self.hvp, HVP_METHODS, "sharpness.hvp")
         _choice(self.search_precision, PRECISIONS, "sharpness.search_precision")

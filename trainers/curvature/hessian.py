@@ -11,7 +11,8 @@ the block product ``_matmat(V)``.
 
 * :class:`Diagonal` multiplies by a diagonal matrix, so the preconditioned
   Hessian D H D (the probe's P^{-1/2} H P^{-1/2}) is
-  ``Diagonal(d) @ H @ Diagonal(d)``, a :class:`Composition`.
+  ``Diagonal(d) @ H @ Diagonal(d)``, a :class:`Composition`;
+  :class:`Shifted` is A + c·I (H + wd·I under coupled weight decay).
 * :class:`HessianOperator` is the Hessian H = ∇²L(θ) of a zero-argument
   closure ``loss_fn() -> scalar`` with respect to ``params``, computed from
   the model's *current* parameters.  One subclass per product method, by
@@ -257,6 +258,25 @@ class Composition(CurvatureOperator):
     def close(self) -> None:
         for f in self.factors:
             f.close()
+
+
+class Shifted(CurvatureOperator):
+    """A + c·I for an operator A and a scalar c (the Hessian of
+    L + (c/2)‖θ‖² is H + c·I: coupled L2 weight decay); closing it closes A."""
+
+    def __init__(self, A: CurvatureOperator, shift: float):
+        super().__init__(A.n, A.dtype, A.device)
+        self.A = A
+        self.shift = float(shift)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.A(V) + self.shift * V
+
+    def at(self, precision: str) -> "Shifted":
+        return Shifted(self.A.at(precision), self.shift)
+
+    def close(self) -> None:
+        self.A.close()
 
 
 # ---------------------------------------------------------------------------

@@ -4,9 +4,13 @@ At a probed step, before the optimizer's update, :class:`SharpnessProbe`
 measures on the frozen Hessian batch
 
 * λ₁(H), the top eigenvalue of the loss Hessian (``lambda_max``);
-* for Adam/AdamW, λ₁(P⁻¹H) with P = diag(√v̂ + ε) from the optimizer's
-  bias-corrected second moment (``lambda_precond``).  P⁻¹H is similar to the
-  symmetric P^{-1/2} H P^{-1/2} (``Diagonal(d) @ H @ Diagonal(d)``,
+* for Adam/AdamW, λ₁(P⁻¹H) with P the diagonal preconditioner of Adam's
+  update (``lambda_precond``; :func:`trainers.curvature.thresholds.adam_preconditioner`,
+  ``sharpness.adam_preconditioner``: ``update``, the default, is the P of
+  the update being taken, P = (1 − β₁ᵗ⁺¹)(√v̂ₜ₊₁ + ε) with this step's
+  gradient in v̂ₜ₊₁, which needs the step's gradients ``grads``;
+  ``init2winit`` is √v̂ₜ + ε of the state before the step).  P⁻¹H is similar
+  to the symmetric P^{-1/2} H P^{-1/2} (``Diagonal(d) @ H @ Diagonal(d)``,
   d = P^{-1/2}), whose eigenvalues are computed instead;
 * the ratio λ/threshold to the optimizer's stability threshold at the step's
   learning rate (λ₁(P⁻¹H) for the Adam family, λ₁(H) otherwise); a ratio
@@ -14,9 +18,15 @@ measures on the frozen Hessian batch
   (the ``threshold`` column itself is written by the run, for every step);
 * how the estimate was obtained (relative residual, iterations, Hessian-vector
   products, converged) and the top-k eigenvalues of the same operator;
-* optionally a Hutchinson estimate of tr(H) and the batch sharpness
-  gᵀH_Bg/‖g‖² of the training mini-batch B (the "Edge of Stochastic
-  Stability" quantity, Andreyev & Beneventano 2024).
+* optionally a Hutchinson estimate of tr(H); the step sharpness gᵀH_Bg/‖g‖²
+  of the step's own training batch B (``step_sharpness``); and the batch
+  sharpness of the "Edge of Stochastic Stability" paper (Andreyev &
+  Beneventano 2024), the mean of gᵀH_Bg/‖g‖² over fresh mini-batches B
+  (g and H_B of the same B), estimated by Monte Carlo until its relative
+  standard error reaches ``sharpness.batch_sharpness_rse`` or
+  ``batch_sharpness_max_batches`` batches were drawn
+  (:func:`monte_carlo_batch_sharpness`; ``batch_sharpness``,
+  ``batch_sharpness_n``).
 
 Each eigenproblem is solved by block LOBPCG (:mod:`trainers.curvature.lobpcg`),
 warm-started from the previous probe's vectors.  The Hessian operator
@@ -30,28 +40,43 @@ and residual are float32 values.
 
 The probe leaves training undisturbed: parameters and their ``.grad`` are not
 touched, the global RNG and the global TF32 settings are left as they were
-(its own generator is part of :meth:`SharpnessProbe.state_dict`).  Weight
-decay is not part of the probed loss.
+(its own generator is part of :meth:`SharpnessProbe.state_dict`); the
+training mini-batch closures it is given may draw dropout masks from the
+global generators, which their caller saves and restores
+(:meth:`trainers.run.probing.Probing.measure`).
+
+**Weight decay.**  With coupled L2 weight decay (``optim.weight_decay`` > 0
+on ``gd``, ``momentum`` or ``adam``: PyTorch adds wd·θ to the gradient) the
+update descends L + (wd/2)‖θ‖², whose Hessian is H + wd·I, and that is the
+curvature every column measures (λ₁(H + wd·I), λ₁(P⁻¹(H + wd·I)), the
+trace, the batch and step sharpness with g + wd·θ), so that the comparison
+with the threshold stays that of the update.  AdamW's decoupled decay is
+not part of the gradient and not of the probed curvature.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from trainers.config import OptimConfig, SharpnessConfig
-from trainers.curvature.hessian import (CurvatureOperator, Diagonal, DoubleBackwardHessian, flatten, hessian_operator,
-                                        trainable_parameters)
+from trainers.curvature.hessian import (CurvatureOperator, Diagonal, DoubleBackwardHessian, Shifted, flatten, gradient,
+                                        hessian_operator, trainable_parameters)
 from trainers.curvature.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified, track, verify
-from trainers.curvature.thresholds import adam_preconditioner, is_preconditioned, stability_threshold
+from trainers.curvature.thresholds import (adam_preconditioner, coupled_weight_decay, is_preconditioned,
+                                           stability_threshold)
 
 LossFn = Callable[[], torch.Tensor]
+#: one mini-batch as micro-batches: (loss closure, weight) pairs whose
+#: weighted sum is the mini-batch loss (weights: micro-batch size / batch size)
+MicroBatches = Sequence[tuple[LossFn, float]]
 
 #: columns of the step log that :meth:`SharpnessProbe.measure` fills
 COLUMNS = ("lambda_max", "lambda_precond", "ratio", "eig_residual", "eig_iters", "eig_hvps",
-           "eig_converged", "eig_check", "topk", "hessian_trace", "batch_sharpness")
+           "eig_converged", "eig_check", "topk", "hessian_trace", "step_sharpness", "batch_sharpness",
+           "batch_sharpness_n")
 
 
 def has_tf32(device) -> bool:
@@ -80,11 +105,14 @@ def top_eigenpairs(operator: CurvatureOperator, X0: Optional[torch.Tensor] = Non
 class SharpnessProbe:
     """Measures the curvature columns of the step log (see :data:`COLUMNS`).
 
-    ``measure(model, loss_fn, optimizer, lr, batch_loss_fn)``: ``loss_fn`` is a
-    zero-argument closure returning the scalar frozen-batch loss at the
-    model's current parameters (the caller puts the model in eval mode with
-    double-differentiable attention); ``batch_loss_fn`` likewise for the
-    training mini-batch (batch sharpness, when enabled).
+    ``measure(model, loss_fn, optimizer, lr, batch_loss_fn, grads=,
+    sample_batch=)``: ``loss_fn`` is a zero-argument closure returning the
+    scalar frozen-batch loss at the model's current parameters (the caller
+    puts the model in eval mode with double-differentiable attention);
+    ``batch_loss_fn`` and ``sample_batch`` give training mini-batches for the
+    step and batch sharpness (the caller builds them in the training step's
+    mode); ``grads``: the step's gradients, for Adam's ``update``
+    preconditioner.
 
     ``method``: Hessian-vector product method
     (:data:`trainers.curvature.hessian.PRODUCTS`; default ``cfg.hvp``); ``seed``: the probe's own generator
@@ -209,17 +237,29 @@ class SharpnessProbe:
         return hessian_operator(self.method, loss_fn, params, model=model, cuda_graphs=self.cfg.cuda_graphs)
 
     def measure(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, lr: float,
-                batch_loss_fn: Optional[LossFn] = None) -> dict:
+                batch_loss_fn: Optional[Union[LossFn, MicroBatches]] = None, *, grads=None,
+                sample_batch: Optional[Callable[[int], MicroBatches]] = None) -> dict:
+        """The probe's columns at the model's current parameters.
+
+        ``grads``: the gradients the optimizer's coming update reads (its
+        ``.grad``, after clipping), for the ``update`` Adam preconditioner
+        (without them ``lambda_precond`` is not measured under that
+        convention).  ``batch_loss_fn``: the step's training batch (a loss
+        closure or :data:`MicroBatches`) for ``step_sharpness``;
+        ``sample_batch(i)``: the i-th fresh mini-batch for the Monte-Carlo
+        batch sharpness.  Both only with ``sharpness.batch_sharpness``."""
         params = trainable_parameters(model)
         threshold = stability_threshold(self.optim_cfg, lr)
+        wd = coupled_weight_decay(self.optim_cfg)
         cols: dict = {c: None for c in COLUMNS}
-        with self.hessian(loss_fn, params, model) as H:
+        with self.hessian(loss_fn, params, model) as H0:
+            H = Shifted(H0, wd) if wd else H0   # the update's curvature (module docstring)
             main: Optional[LOBPCGResult] = None
             check: Optional[float] = None
             def gradient_seed() -> torch.Tensor:   # the gradient only where a solve asks for it
-                return self._seed(H)
+                return self._seed(H0)   # the loss gradient (Shifted has none)
             if self.preconditioned:
-                P = adam_preconditioner(optimizer, params)
+                P = adam_preconditioner(optimizer, params, self.cfg.adam_preconditioner, grads)
                 if P is not None:
                     d = flatten(P).to(H.dtype).rsqrt()[:, None]   # P^{-1/2}, (n, 1)
                     D = Diagonal(d[:, 0])
@@ -241,8 +281,14 @@ class SharpnessProbe:
             if self.cfg.trace_samples > 0:
                 Z = self._rademacher(H.n, self.cfg.trace_samples, H.dtype, H.device)
                 cols["hessian_trace"] = float((Z * H(Z)).sum(dtype=torch.float64)) / self.cfg.trace_samples
-        if self.cfg.batch_sharpness and batch_loss_fn is not None:
-            cols["batch_sharpness"] = batch_sharpness(batch_loss_fn, params, model)
+        if self.cfg.batch_sharpness:
+            if batch_loss_fn is not None:
+                cols["step_sharpness"] = batch_sharpness(batch_loss_fn, params, model, weight_decay=wd)
+            if sample_batch is not None:
+                mean, batches = monte_carlo_batch_sharpness(
+                    sample_batch, params, model, weight_decay=wd, rse=self.cfg.batch_sharpness_rse,
+                    max_batches=self.cfg.batch_sharpness_max_batches)
+                cols.update(batch_sharpness=mean, batch_sharpness_n=batches)
         self.probes += 1
         return cols
 
@@ -258,14 +304,67 @@ def warm_start_transport(d_new: torch.Tensor, d_old: torch.Tensor) -> torch.Tens
     return d_new / d_old
 
 
-def batch_sharpness(loss_fn: LossFn, params, model: Optional[nn.Module] = None) -> float:
-    """gᵀHg / ‖g‖² with g = ∇L and H = ∇²L of the same (mini-batch) loss: the
-    curvature along the step direction of plain SGD (Andreyev & Beneventano
-    2024).  One gradient graph and one Hessian-vector product (``model``: use
-    its fast convolution double backward)."""
-    with DoubleBackwardHessian(loss_fn, params, model=model) as H:
-        g = flatten(H.gradient())
-        gg = float(g.double().square().sum())
-        if gg == 0.0:
-            return float("nan")
-        return float((g.double() * H(g).double()).sum()) / gg
+def batch_sharpness(batch: Union[LossFn, MicroBatches], params, model: Optional[nn.Module] = None, *,
+                    weight_decay: float = 0.0) -> float:
+    """gᵀHg / ‖g‖² with g and H the gradient and Hessian of the same
+    mini-batch objective Σⱼ wⱼ Lⱼ + (wd/2)‖θ‖² (``batch``: a loss closure,
+    weight 1, or :data:`MicroBatches`; ``weight_decay``: the coupled wd):
+    the curvature along the step direction of plain SGD (Andreyev &
+    Beneventano 2024).  One micro-batch: one gradient graph and one
+    Hessian-vector product; several: a gradient pass, then one graph and one
+    product per micro-batch (each closure is called twice and must give the
+    same loss both times, dropout included).  ``model``: use its fast
+    convolution double backward.  NaN when g = 0."""
+    micro = [(batch, 1.0)] if callable(batch) else list(batch)
+    if not micro:
+        raise ValueError("batch_sharpness: an empty batch")
+    params = list(params)
+    theta = flatten([p.detach() for p in params]) if weight_decay else None
+    if len(micro) == 1:
+        fn, w = micro[0]
+        with DoubleBackwardHessian(lambda: w * fn(), params, model=model) as H:
+            g = flatten(H.gradient())
+            if weight_decay:
+                g = g + weight_decay * theta.to(g.dtype)
+            Hg = H(g)
+    else:
+        g = sum(w * flatten(gradient(lambda: fn(), params)) for fn, w in micro)
+        if weight_decay:
+            g = g + weight_decay * theta.to(g.dtype)
+        Hg = torch.zeros_like(g)
+        for fn, w in micro:
+            with DoubleBackwardHessian(lambda: w * fn(), params, model=model) as H:
+                Hg = Hg + H(g).to(g.dtype)
+    g, Hg = g.double(), Hg.double()
+    if weight_decay:
+        Hg = Hg + weight_decay * g
+    gg = float(g.square().sum())
+    if gg == 0.0:
+        return float("nan")
+    return float((g * Hg).sum()) / gg
+
+
+def monte_carlo_batch_sharpness(sample_batch: Callable[[int], Union[LossFn, MicroBatches]], params,
+                                model: Optional[nn.Module] = None, *, weight_decay: float = 0.0, rse: float = 0.01,
+                                max_batches: int = 100) -> tuple[float, int]:
+    """The batch sharpness E_B[gᵀH_Bg/‖g‖²] of Andreyev & Beneventano (2024)
+    by Monte Carlo: :func:`batch_sharpness` of the mini-batches
+    ``sample_batch(0)``, ``sample_batch(1)``, … until the standard error of
+    their mean, s/√m (s the sample standard deviation of m values), is at
+    most ``rse`` × |mean|, or ``max_batches`` were drawn; at least 2.
+    Returns (mean, m); NaN values (g = 0) are left out of the mean."""
+    values: list[float] = []
+    drawn = 0
+    while drawn < max_batches:
+        v = batch_sharpness(sample_batch(drawn), params, model, weight_decay=weight_decay)
+        drawn += 1
+        if math.isfinite(v):
+            values.append(v)
+        m = len(values)
+        if m >= 2:
+            mean = math.fsum(values) / m
+            sd = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (m - 1))
+            if sd / math.sqrt(m) <= rse * abs(mean):
+                break
+    mean = math.fsum(values) / len(values) if values else float("nan")
+    return mean, drawn

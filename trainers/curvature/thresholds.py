@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.config import PRECONDITIONED_OPTIMIZERS, OptimConfig
+from trainers.config import ADAM_PRECONDITIONERS, COUPLED_DECAY_OPTIMIZERS, PRECONDITIONED_OPTIMIZERS, OptimConfig
 
 
 def gd_threshold(lr: float) -> float:
@@ -46,17 +46,72 @@ def is_preconditioned(cfg: OptimConfig) -> bool:
     return cfg.name in PRECONDITIONED_OPTIMIZERS
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params) -> list[torch.Tensor] | None:
-    """Per-parameter diagonal P = √v̂ + ε of an Adam/AdamW optimizer's current
-    state (bias-corrected second moment), or None before its first step."""
+def coupled_weight_decay(cfg: OptimConfig) -> float:
+    """The coupled L2 weight decay of ``cfg``: ``optim.weight_decay`` for
+    gd/momentum/adam, whose PyTorch update adds wd·θ to the gradient, so that
+    the update descends L + (wd/2)‖θ‖², of Hessian H + wd·I; 0 for AdamW,
+    whose decay is decoupled (θ ← (1 − η·wd)θ, outside the gradient)."""
+    return float(cfg.weight_decay) if cfg.name in COUPLED_DECAY_OPTIMIZERS else 0.0
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params, convention: str = "update",
+                        grads=None) -> list[torch.Tensor] | None:
+    """Per-parameter diagonal P of an Adam/AdamW update, written as
+    preconditioned heavy ball θ ← θ − η P⁻¹ m (the form of the
+    (2 + 2β₁)/((1 − β₁)η) threshold).
+
+    ``convention="update"`` (Cohen et al. 2022): the preconditioner of the
+    update about to be taken from the current state and this step's
+    gradients ``grads`` (the tensors the optimizer will read from ``.grad``,
+    after clipping), with t = the parameter's own ``step`` counter (0 before
+    its first step):
+
+        g' = g + wd·θ (Adam's coupled weight decay; AdamW: g' = g)
+        v_{t+1} = β₂ v_t + (1 − β₂) g'²,   v̂_{t+1} = v_{t+1} / (1 − β₂^{t+1})
+        P = (1 − β₁^{t+1}) (√v̂_{t+1} + ε)
+
+    (torch.optim.Adam's step is θ ← θ − η m_{t+1} / ((1 − β₁^{t+1})(√v̂_{t+1} + ε))).
+    None when ``grads`` is None, a gradient is missing or one is not finite
+    (no update is taken).
+
+    ``convention="init2winit"`` (google/init2winit): P = √v̂_t + ε of the
+    state *before* the step, without the first-moment bias factor; None
+    before the optimizer's first step.
+    """
     group = optimizer.param_groups[0]
-    beta2, eps = group["betas"][1], group["eps"]
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
     out = []
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state or "exp_avg_sq" not in state:
-            return None
-        step = float(state["step"])
-        v_hat = state["exp_avg_sq"] / (1.0 - beta2 ** step)
-        out.append(v_hat.sqrt() + eps)
+    if convention == "init2winit":
+        for p in params:
+            state = optimizer.state.get(p)
+            if not state or "exp_avg_sq" not in state:
+                return None
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1.0 - beta2 ** step)
+            out.append(v_hat.sqrt() + eps)
+        return out
+    if convention != "update":
+        raise ValueError(f"adam_preconditioner: convention must be one of {', '.join(ADAM_PRECONDITIONERS)}; "
+                         f"got {convention!r}")
+    if grads is None:
+        return None
+    grads = list(grads)
+    if len(grads) != len(params):
+        raise ValueError(f"adam_preconditioner: {len(grads)} gradients for {len(params)} parameters")
+    coupled = 0.0 if isinstance(optimizer, torch.optim.AdamW) else float(group.get("weight_decay", 0.0))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is None or not bool(torch.isfinite(g).all()):
+                return None
+            state = optimizer.state.get(p)
+            g = g + coupled * p if coupled else g
+            if state and "exp_avg_sq" in state:
+                t = float(state["step"])
+                v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g.square()
+            else:
+                t = 0.0
+                v = (1.0 - beta2) * g.square()
+            v_hat = v / (1.0 - beta2 ** (t + 1.0))
+            out.append((1.0 - beta1 ** (t + 1.0)) * (v_hat.sqrt() + eps))
     return out

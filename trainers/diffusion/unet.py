@@ -196,14 +196,15 @@ class UNet(nn.Module):
 
 
 @contextlib.contextmanager
-def probe_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model as Hessian-vector products need it: eval mode (no dropout)
-    and written-out attention (double-differentiable) in every
-    :class:`AttnBlock`; the training mode and each block's attention are
-    restored on exit."""
+def probe_mode(model: nn.Module, *, train: bool = False) -> Iterator[nn.Module]:
+    """The model as Hessian-vector products need it: written-out attention
+    (double-differentiable) in every :class:`AttnBlock`, and eval mode (no
+    dropout), or with ``train`` the training mode (dropout on, as in a
+    training step: batch sharpness); the mode and each block's attention
+    are restored on exit."""
     training = model.training
     blocks = [(m, m.fused) for m in model.modules() if isinstance(m, AttnBlock)]
-    model.eval()
+    model.train(train)
     for m, _ in blocks:
         m.fused = False
     try:

@@ -147,6 +147,13 @@ def load_images(cfg: DataConfig) -> torch.Tensor:
     return images
 
 
+def micro_batch_size(cfg: DataConfig, accumulate: int) -> int:
+    """Examples per micro-batch of a step: ``data.batch_size`` in ``full``
+    batching (the whole data set in chunks of that size), else
+    ``batch_size // optim.accumulate``."""
+    return cfg.batch_size if cfg.batching == "full" else cfg.batch_size // accumulate
+
+
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1.0
 
@@ -191,6 +198,20 @@ class Batches:
         x = to_model_range(self.images[self.indices(step).to(self.images.device)])
         if self.cfg.flip and self.cfg.batching == "random":
             flip = (torch.rand(len(x), generator=flip_generator(self.seed, step)) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """A fresh training mini-batch from the CPU ``generator`` (batch
+        sharpness): ``random``: ``batch_size`` distinct images drawn
+        uniformly, flipped like training batches (``data.flip``); ``fixed``/
+        ``full``: the training batch, which never changes."""
+        if self.cfg.batching != "random":
+            return self.batch(0)
+        idx = torch.randperm(len(self.images), generator=generator)[:self.cfg.batch_size]
+        x = to_model_range(self.images[idx.to(self.images.device)])
+        if self.cfg.flip:
+            flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
 

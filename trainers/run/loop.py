@@ -2,8 +2,8 @@
 
 :func:`train` reads top to bottom: prepare the run folder
 (:class:`trainers.run.rundir.RunDir`) and the :class:`Trainer`, resume from
-the newest checkpoint, then per step :func:`train_step` (the curvature
-columns, forward and backward passes, the update), the log row,
+the newest checkpoint, then per step :func:`train_step` (forward and
+backward passes, the curvature columns, the update), the log row,
 :func:`evaluate` (sample grids, FID/IS/KID at their cadence), the caller's
 ``on_step``, :func:`checkpoint` and the progress line; at the end the final
 evaluation, checkpoint and ``status.json``.
@@ -40,7 +40,7 @@ from trainers.config import ConfigError, RunConfig, run_config
 from trainers.diffusion.schedules import NoiseSchedule
 from trainers.diffusion.unet import build_unet
 from trainers.diffusion.variants import build_variant
-from trainers.run.data import Batches, load_images
+from trainers.run.data import Batches, load_images, micro_batch_size
 from trainers.run.optimizers import build_optimizer
 from trainers.run.probing import Probing
 from trainers.run.rng import Purpose, seed_dropout, seed_model_init, step_generator
@@ -156,10 +156,12 @@ def ensure_complete_log(run: RunDir, log: StepLog, status: str, steps_done: int)
 
 
 def train_step(trainer: Trainer) -> tuple[dict, bool]:
-    """Step ``trainer.step``: the curvature columns (before the update), the
-    loss and gradient over the step's micro-batches, clipping, the update and
-    the EMA.  Returns the step's log row and whether it diverged; a diverged
-    step is logged but its update is not applied."""
+    """Step ``trainer.step``: the loss and gradient over the step's
+    micro-batches, clipping, the curvature columns (at the parameters before
+    the update, with the gradient the update will use: Adam's preconditioner
+    of this update needs it), the update and the EMA.  Returns the step's
+    log row and whether it diverged; a diverged step is logged but its
+    update is not applied."""
     cfg, step = trainer.cfg, trainer.step
     t0 = time.perf_counter()
     lr = learning_rate(cfg, step)
@@ -168,12 +170,6 @@ def train_step(trainer: Trainer) -> tuple[dict, bool]:
     draws = trainer.draws(step)
 
     row = {"step": step, "lr": lr, "threshold": trainer.probing.threshold(lr)}
-    curvature_diverged = None
-    if trainer.probing.due(step):
-        columns, curvature_diverged = trainer.probing.measure_or_record(trainer.model, trainer.optimizer, step, lr,
-                                                                        draws[0])
-        row.update(columns)
-
     seed_dropout(cfg.train.seed, step)
     trainer.optimizer.zero_grad(set_to_none=True)
     n_total = sum(len(d) for d in draws)
@@ -188,9 +184,16 @@ def train_step(trainer: Trainer) -> tuple[dict, bool]:
     loss = loss_sum / n_total
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.params, clip))
+    diverged = not math.isfinite(loss) or loss > cfg.train.divergence_loss or not math.isfinite(grad_norm)
+    curvature_diverged = None
+    if trainer.probing.due(step):
+        # no update is taken on a diverged step: no gradient for its preconditioner
+        grads = None if diverged else [p.grad for p in trainer.params]
+        columns, curvature_diverged = trainer.probing.measure_or_record(trainer.model, trainer.optimizer, step, lr,
+                                                                        draws, grads)
+        row.update(columns)
     row.update(loss=loss, grad_norm=grad_norm, variant_stats=stats or None)
 
-    diverged = not math.isfinite(loss) or loss > cfg.train.divergence_loss or not math.isfinite(grad_norm)
     trainer.divergence = curvature_diverged if not diverged else None
     diverged = diverged or curvature_diverged is not None
     if not diverged:
@@ -474,13 +477,14 @@ class Trainer:
         x0 = self.batches.batch(step)
         g = step_generator(self.cfg.train.seed, 0 if self.cfg.train.fixed_noise else step, Purpose.DRAW, self.device)
         draw = self.variant.draw(x0, g, step)
-        if self.cfg.data.batching == "full":
-            return draw.split(self.cfg.data.batch_size)
-        return draw.split(self.cfg.data.batch_size // self.cfg.optim.accumulate)
+        return draw.split(micro_batch_size(self.cfg.data, self.cfg.optim.accumulate))
 
-    def measure_sharpness(self, step: int, lr: float, train_draw) -> dict:
-        """The probe's columns at ``step`` now (:meth:`Probing.measure` on this trainer's model and optimizer)."""
-        return self.probing.measure(self.model, self.optimizer, step, lr, train_draw)
+    def measure_sharpness(self, step: int, lr: float, train_draws, grads=None) -> dict:
+        """The probe's columns at ``step`` now (:meth:`Probing.measure` on
+        this trainer's model and optimizer); ``train_draws``: the step's
+        micro-batches; ``grads``: the gradients of the coming update (for
+        Adam's ``update`` preconditioner)."""
+        return self.probing.measure(self.model, self.optimizer, step, lr, train_draws, grads)
 
     def update_ema(self) -> None:
         d = self.cfg.train.ema_decay

@@ -6,7 +6,13 @@ step's ``threshold`` column (the optimizer's stability threshold at the
 step's learning rate; the probe itself does not write it), decides which
 steps are probed (every ``sharpness.every``-th) and measures λ₁ and the
 other probe columns there, before the update, on the frozen Hessian batch
-with the model in :func:`trainers.diffusion.unet.probe_mode`.
+with the model in :func:`trainers.diffusion.unet.probe_mode`.  The loop
+calls it after the step's backward pass and clipping, before the update,
+with the gradients the update will read, so that Adam's preconditioner is
+the one of that update (``sharpness.adam_preconditioner: update``).  The
+step and batch sharpness (``sharpness.batch_sharpness``) are measured in
+training mode on the step's own batch and on fresh mini-batches of the
+``BATCH_SHARPNESS`` stream (:meth:`Probing.batch_sharpness_batches`).
 
 The Hessian batch is frozen — fixed x₀, t/σ and noise — and follows the
 objective the variant is training on: it is redrawn when the variant's
@@ -36,17 +42,17 @@ drawn by the variant's ``hessian_draw``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from trainers.config import RunConfig
-from trainers.curvature.probe import COLUMNS as PROBE_COLUMNS, SharpnessProbe
+from trainers.curvature.probe import COLUMNS as PROBE_COLUMNS, MicroBatches, SharpnessProbe
 from trainers.curvature.thresholds import stability_threshold
 from trainers.diffusion.unet import probe_mode
 from trainers.diffusion.variants.base import Draw
-from trainers.run.data import Batches
-from trainers.run.rng import Purpose, step_generator
+from trainers.run.data import Batches, micro_batch_size
+from trainers.run.rng import Purpose, step_generator, step_seed
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -99,25 +105,38 @@ class Probing:
         return self.probe is not None and step % self.cfg.sharpness.every == 0
 
     def measure(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float,
-                train_draw: Draw) -> dict:
+                train_draws: Union[Draw, Sequence[Draw]], grads=None) -> dict:
         """The probe's columns (:data:`trainers.curvature.probe.COLUMNS`) and
         ``hessian_batch_id`` at ``step``, before its update, measured now on
         the frozen Hessian batch with the model in probe mode.
-        ``train_draw``: the step's first training micro-batch (for batch
-        sharpness)."""
+        ``train_draws``: the step's training micro-batches (step sharpness);
+        ``grads``: the gradients the coming update reads (Adam's ``update``
+        preconditioner).  With ``sharpness.batch_sharpness`` the step and
+        batch sharpness are measured in training mode (dropout on), the
+        global generators saved and restored around them
+        (:meth:`batch_sharpness_batches`)."""
         if self.probe is None:
             raise RuntimeError("sharpness.every is 0: this run has no sharpness probe")
+        if isinstance(train_draws, Draw):
+            train_draws = [train_draws]
         draw = self.hessian_draw(step)
         if self._objective_changed:
             self.probe.reset_warm_start()
             self._objective_changed = False
-        with probe_mode(model):
-            batch_loss = self.loss(model, train_draw) if self.cfg.sharpness.batch_sharpness else None
-            cols = self.probe.measure(model, self.loss(model, draw), optimizer, lr, batch_loss)
+        hessian_loss = self.loss(model, draw)
+        if not self.cfg.sharpness.batch_sharpness:
+            with probe_mode(model):
+                cols = self.probe.measure(model, hessian_loss, optimizer, lr, grads=grads)
+        else:
+            devices = [self.device] if torch.device(self.device).type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), probe_mode(model):
+                step_batch, sample = self.batch_sharpness_batches(model, step, list(train_draws), train=True)
+                cols = self.probe.measure(model, hessian_loss, optimizer, lr, step_batch, grads=grads,
+                                          sample_batch=sample)
         return {**cols, "hessian_batch_id": self.hessian_batch_id}
 
     def measure_or_record(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float,
-                          train_draw: Draw) -> tuple[dict, Optional[str]]:
+                          train_draws: Union[Draw, Sequence[Draw]], grads=None) -> tuple[dict, Optional[str]]:
         """:meth:`measure`, never raising for the solver: returns the columns
         and, when the curvature is non-finite, why (the run is diverging).
 
@@ -134,7 +153,7 @@ class Probing:
                 self.probe.warm.clear()
                 self.probe.warm_scale = None
             try:
-                cols = self.measure(model, optimizer, step, lr, train_draw)
+                cols = self.measure(model, optimizer, step, lr, train_draws, grads)
             except (RuntimeError, ValueError) as e:
                 if not solver_failure(e):
                     raise
@@ -152,6 +171,75 @@ class Probing:
         cols = {c: None for c in PROBE_COLUMNS}
         cols["eig_error"] = reason
         return cols, (reason if non_finite else None)
+
+    # --- the batches of the step and batch sharpness ------------------------------
+    def batch_sharpness_batches(self, model: torch.nn.Module, step: int, train_draws: list[Draw],
+                                train: bool = True) -> tuple[MicroBatches, Callable[[int], MicroBatches]]:
+        """The mini-batches of the step and batch sharpness at ``step``, as
+        :data:`trainers.curvature.probe.MicroBatches` (split into micro-batches
+        as training splits them), evaluated in training mode (dropout on)
+        in probe mode's double-differentiable attention:
+
+        * the step's own batch ``train_draws``, with the dropout masks of the
+          training step (the ``DROPOUT`` seed of ``step``; each micro-batch
+          replays the generator state its training forward pass started
+          from);
+        * ``sample(i)``: the i-th fresh mini-batch of the ``BATCH_SHARPNESS``
+          stream of ``step`` (:mod:`trainers.run.rng`; images
+          :meth:`trainers.run.data.Batches.sample`, t/σ and noise from the
+          variant's draw — the ``DRAW`` stream of step 0 under
+          ``train.fixed_noise``, as in training —, dropout seeded per
+          micro-batch).  ``sample`` must be called with i = 0, 1, 2, … in order.
+
+        Each micro-batch's closure sets the global generators before its
+        forward pass, so the two passes of a multi-micro-batch estimate see
+        the same masks; the caller saves and restores the generators."""
+        seed, device = self.cfg.train.seed, self.device
+        cuda = torch.device(device).type == "cuda"
+
+        def get_state():
+            return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None)
+
+        def set_state(state):
+            torch.set_rng_state(state[0])
+            if cuda:
+                torch.cuda.set_rng_state(state[1], device)
+
+        def micro(draws: list[Draw], first_seed: int, replay: bool) -> MicroBatches:
+            total = sum(len(d) for d in draws)
+            states: dict[int, tuple] = {}
+
+            def closure(j: int, d: Draw) -> LossFn:
+                def fn() -> torch.Tensor:
+                    if j in states:
+                        set_state(states[j])
+                    elif j == 0 or not replay:
+                        torch.manual_seed(first_seed + (0 if replay else j))
+                        states[j] = get_state()
+                    else:   # the state the previous micro-batch's forward pass left (first, in-order pass)
+                        states[j] = get_state()
+                    with probe_mode(model, train=train):
+                        return self.variant.loss(model, d).float().mean()
+                return fn
+
+            return [(closure(j, d), len(d) / total) for j, d in enumerate(draws)]
+
+        step_batch = micro(train_draws, step_seed(seed, step, Purpose.DROPOUT), replay=True)
+        images = torch.Generator().manual_seed(step_seed(seed, step, Purpose.BATCH_SHARPNESS))
+        noise = step_generator(seed, step, Purpose.BATCH_SHARPNESS, device)
+        drawn = [0]
+
+        def sample(i: int) -> MicroBatches:
+            if i != drawn[0]:
+                raise ValueError(f"batch sharpness: fresh batch {i} requested, {drawn[0]} expected next")
+            drawn[0] += 1
+            x0 = self.batches.sample(images)
+            g = (step_generator(seed, 0, Purpose.DRAW, device) if self.cfg.train.fixed_noise else noise)
+            draw = self.variant.draw(x0, g, step)
+            dropout = int(torch.randint(0, 2 ** 62, (1,), generator=images))
+            return micro(draw.split(micro_batch_size(self.cfg.data, self.cfg.optim.accumulate)), dropout, replay=False)
+
+        return step_batch, sample
 
     # --- the Hessian batch ----------------------------------------------------
     def loss(self, model: torch.nn.Module, draw: Draw) -> LossFn:

@@ -8,7 +8,11 @@ seeds:
 
 * :func:`step_generator` — ``(seed · 1_000_003 + step) · 16 + purpose`` on the
   training device, one :class:`Purpose` at one step (the draw's t/σ and
-  noise, the Hessian batch, the sampler);
+  noise, the Hessian batch, the sampler, the batch sharpness's fresh
+  mini-batches: a CPU generator of this seed for their images, flips and
+  dropout seeds, one on the device for their t/σ and noise; the probe
+  saves and restores the global generators around its dropout, so training
+  draws the same numbers with batch sharpness on or off);
 * :func:`seed_dropout` — the same formula with purpose ``DROPOUT``, into
   ``torch.manual_seed`` (dropout draws from the global generators);
 * :func:`epoch_order` — ``seed · 1_000_003 + epoch`` (CPU): the batch order
@@ -37,6 +41,7 @@ class Purpose(enum.IntEnum):
     DROPOUT = 2     # dropout masks of the step's forward passes
     HESSIAN = 3     # the frozen Hessian batch's t/σ and noise
     SAMPLES = 4     # the sampler's noise (sample grids, FID samples)
+    BATCH_SHARPNESS = 5   # the fresh mini-batches of the batch sharpness (images, flips, t/σ, noise, dropout)
 
 
 def step_seed(seed: int, step: int, purpose: Purpose) -> int:

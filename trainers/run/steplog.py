@@ -9,7 +9,7 @@ checkpoint's step, so no step is ever duplicated or lost.  ``_manifest.json``
 :func:`check_log` names a chunk deleted or damaged afterwards (a resume and
 ``eos report`` refuse such a log, in one line).
 
-Schema version 2 (one row per optimizer step; null where not measured).
+Schema version 3 (one row per optimizer step; null where not measured).
 :data:`STEP_COLUMNS` below is its one definition (name, Arrow type, unit,
 meaning) and :data:`UNITS` says what the unit symbols mean (θ: the
 parameters' unit, η: the learning rate's, so that the threshold and the λ in
@@ -25,8 +25,12 @@ wall_time          float64        s        seconds of training so far (summed ov
 loss               float64        loss     training loss of the step's batch
 lr                 float64        η        learning rate used for the update
 grad_norm          float64        loss/θ   global gradient norm before clipping
-lambda_max         float64        loss/θ²  λ₁(H) of the frozen-batch loss Hessian
-lambda_precond     float64        1/θ      λ₁(P⁻¹H), P = diag(√v̂ + ε) (Adam/AdamW only)
+lambda_max         float64        loss/θ²  λ₁(H) of the frozen-batch loss Hessian; with coupled
+                                           L2 weight decay (gd/momentum/adam,
+                                           optim.weight_decay > 0) λ₁(H + wd·I), the update's
+                                           curvature (every curvature column likewise)
+lambda_precond     float64        1/θ      λ₁(P⁻¹H), P the preconditioner of Adam's update
+                                           (sharpness.adam_preconditioner; Adam/AdamW only)
 threshold          float64        1/η      the optimizer's stability threshold (2/η, ...)
 ratio              float64        1        (λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold
 eig_residual       float64        1        relative residual ‖Hv − λv‖/|λ| of the reported λ
@@ -40,8 +44,13 @@ eig_check          float64        1        |λ_TF32 − λ_float32|/|λ_float32|
                                            was checked with float32 products at this step
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
-batch_sharpness    float64        loss/θ²  directional curvature gᵀHg/‖g‖² on the training
-                                           batch
+step_sharpness     float64        loss/θ²  gᵀH_Bg/‖g‖² on the step's own training batch B,
+                                           train mode
+batch_sharpness    float64        loss/θ²  batch sharpness: mean of gᵀH_Bg/‖g‖² over fresh
+                                           training mini-batches B (g, H_B of the same B; train
+                                           mode), Monte Carlo
+batch_sharpness_n  int64          count    mini-batches the batch sharpness averaged (it stops
+                                           at sharpness.batch_sharpness_rse or _max_batches)
 hessian_batch_id   int64          count    frozen Hessian batch measured on: 0, then +1 at
                                            each redraw (new variant objective, e.g. pd stage;
                                            refresh_batch)
@@ -68,7 +77,7 @@ import pyarrow.parquet as pq
 
 from trainers.run.atomic import remove_stale_temporaries, write_atomic, write_json_atomic
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -96,8 +105,11 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("loss", _F, "loss", "training loss of the step's batch"),
     Column("lr", _F, "η", "learning rate used for the update"),
     Column("grad_norm", _F, "loss/θ", "global gradient norm before clipping"),
-    Column("lambda_max", _F, "loss/θ²", "λ₁(H) of the frozen-batch loss Hessian"),
-    Column("lambda_precond", _F, "1/θ", "λ₁(P⁻¹H), P = diag(√v̂ + ε) (Adam/AdamW only)"),
+    Column("lambda_max", _F, "loss/θ²", "λ₁(H) of the frozen-batch loss Hessian; with coupled L2 weight decay "
+                                        "(gd/momentum/adam, optim.weight_decay > 0) λ₁(H + wd·I), the update's "
+                                        "curvature (every curvature column likewise)"),
+    Column("lambda_precond", _F, "1/θ", "λ₁(P⁻¹H), P the preconditioner of Adam's update "
+                                        "(sharpness.adam_preconditioner; Adam/AdamW only)"),
     Column("threshold", _F, "1/η", "the optimizer's stability threshold (2/η, ...)"),
     Column("ratio", _F, "1", "(λ₁(P⁻¹H) for Adam, else λ₁(H)) / threshold"),
     Column("eig_residual", _F, "1", "relative residual ‖Hv − λv‖/|λ| of the reported λ"),
@@ -110,7 +122,11 @@ STEP_COLUMNS: tuple[Column, ...] = (
                                  "products at this step"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
-    Column("batch_sharpness", _F, "loss/θ²", "directional curvature gᵀHg/‖g‖² on the training batch"),
+    Column("step_sharpness", _F, "loss/θ²", "gᵀH_Bg/‖g‖² on the step's own training batch B, train mode"),
+    Column("batch_sharpness", _F, "loss/θ²", "batch sharpness: mean of gᵀH_Bg/‖g‖² over fresh training "
+                                             "mini-batches B (g, H_B of the same B; train mode), Monte Carlo"),
+    Column("batch_sharpness_n", _I, "count", "mini-batches the batch sharpness averaged (it stops at "
+                                                   "sharpness.batch_sharpness_rse or _max_batches)"),
     Column("hessian_batch_id", _I, "count", "frozen Hessian batch measured on: 0, then +1 at each redraw (new "
                                             "variant objective, e.g. pd stage; refresh_batch)"),
     Column("variant_stats", pa.string(), "JSON", "JSON object of the variant's own scalars"),
