@@ -221,7 +221,7 @@ class SharpnessConfig:
     explore: str = "gradient"
     # with the TF32 search and the "track" solver: check λ with float32 products every N-th probe (the cold
     # probe always; 1: every probe, 0: never); the eig_check column holds |λ_TF32 - λ_float32| / λ there
-    verify_every: int = 10
+    verify_every: int = 1
     # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
     # thousands; trainers.curvature.hessian); no effect on the CPU or with other hvp methods
     cuda_graphs: bool = True
