@@ -48,8 +48,11 @@ def test_imagefolder(tmp_path):
 
 @pytest.mark.skipif(not SHARED_NPZ.exists(), reason="shared CIFAR-10 subset not present")
 def test_shared_cifar10_subset():
-    imgs = load_images(DataConfig(name="npz", path=str(SHARED_NPZ), subset=5000))
+    imgs = load_images(DataConfig(name="npz", path=str(SHARED_NPZ), subset=5000, image_size=32))
     assert imgs.shape == (5000, 3, 32, 32)
+    # the tiny default resizes to its image size
+    small = load_images(DataConfig(name="npz", path=str(SHARED_NPZ), subset=5000))
+    assert small.shape == (5000, 3, DataConfig().image_size, DataConfig().image_size)
 
 
 def test_batches_are_a_function_of_seed_and_step_and_in_range():

@@ -88,7 +88,9 @@ def test_step_metrics_keep_the_measured_finite_columns():
 
 STEPS, EVERY = 10, 3          # reports after steps 0, 3, 6, 9 (timesteps_total 1, 4, 7, 10)
 REPORTED = list(range(0, STEPS, EVERY))
-# Adam: λ₁(P⁻¹H) and the ratio from step 1 on, plain λ₁(H) at step 0 (no preconditioner yet)
+# Adam under init2winit's preconditioner convention (P from the optimizer state before the step):
+# λ₁(P⁻¹H) and the ratio from step 1 on, plain λ₁(H) at step 0 (no preconditioner yet), so the
+# trackers see columns that are measured at some reported steps and missing at others
 CHECKED = ("loss", "lr", "lambda_max", "lambda_precond", "threshold", "ratio", "eig_residual")
 
 
@@ -104,7 +106,8 @@ def tracked(tmp_path_factory):
     uri = f"file:{root / 'mlruns'}"
     spec_dict = small_spec(
         study={"name": "tracked", "storage": str(root)}, resources={"max_concurrent": 2},
-        sharpness={"every": EVERY, "hessian_batch": 4, "max_iters": 10, "tol": 0.05, "plain_lambda": False},
+        sharpness={"every": EVERY, "hessian_batch": 4, "max_iters": 10, "tol": 0.05, "plain_lambda": False,
+                   "adam_preconditioner": "init2winit"},
         train={"steps": STEPS, "checkpoint_every": 4, "device": "cpu"},
         trackers={"every": EVERY, "mlflow": {"tracking_uri": uri, "tags": {"owner": "tests"}}, "tensorboard": {},
                   "wandb": {"mode": "offline", "project": "eos-tests"}})   # dir: <study>/wandb
