@@ -95,24 +95,44 @@ def local_cluster(tmp_path):
     port = free_port()
     address = f"{HOST}:{port}"
     common = ["--block", "--disable-usage-stats", f"--node-ip-address={HOST}"]
-    procs = {}
-    try:
-        procs["head"] = subprocess.Popen(
-            [RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
-             f"--temp-dir={temp}", *common], env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for name in ("a", "b"):
-            time.sleep(2)
-            procs[name] = subprocess.Popen(
-                [RAY, "start", f"--address={address}", "--num-cpus=1", "--num-gpus=0",
-                 f"--resources={json.dumps({'node_' + name: 1})}", *common], env=env, start_new_session=True,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while alive_nodes(address, env) < 3:
+    procs, logs = {}, {}
+
+    def start(name: str, *args: str) -> None:
+        logs[name] = temp / f"start-{name}.log"
+        with open(logs[name], "w") as log:
+            procs[name] = subprocess.Popen([RAY, "start", *args, *common], env=env, start_new_session=True,
+                                           stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_for(nodes: int, seconds: float) -> bool:
+        """Whether the cluster reached ``nodes`` alive nodes; False when the newest `ray start` gave up."""
+        deadline = time.monotonic() + seconds
+        while alive_nodes(address, env) < nodes:
+            newest = list(procs)[-1]
             for name, proc in procs.items():
-                assert proc.poll() is None, f"`ray start` of node {name} exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "the local cluster did not come up in 120 s"
-            time.sleep(1)
+                if proc.poll() is not None:
+                    assert name == newest and "timed out during startup" in logs[name].read_text(), \
+                        f"`ray start` of node {name} exited with {proc.returncode}: {logs[name].read_text()[-2000:]}"
+                    return False
+            assert time.monotonic() < deadline, f"the local cluster did not reach {nodes} nodes in {seconds:.0f} s"
+            time.sleep(2)
+        return True
+
+    try:
+        start("head", "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
+              f"--temp-dir={temp}")
+        assert wait_for(1, 120), logs["head"].read_text()[-2000:]
+        # one worker at a time, each joining a GCS that already answers; Ray gives a raylet a fixed
+        # 30 s to register, which a loaded 2-core machine can miss: such a start is tried again
+        for name in ("a", "b"):
+            for attempt in range(3):
+                start(name, f"--address={address}", "--num-cpus=1", "--num-gpus=0",
+                      f"--resources={json.dumps({'node_' + name: 1})}")
+                if wait_for(len(procs), 120):
+                    break
+                with contextlib_suppress():      # what the failed start left of its process group
+                    os.killpg(procs.pop(name).pid, signal.SIGKILL)
+            else:
+                pytest.fail(f"node {name} did not join in 3 attempts: {logs[name].read_text()[-2000:]}")
         yield address, env, procs
     finally:
         for proc in reversed(list(procs.values())):
