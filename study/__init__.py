@@ -9,5 +9,6 @@ The sweep machinery:
     early_stop.py  loss blow-up and λ₁/threshold rules that end a trial as diverged
     layout.py      the study folder (steps/ dataset, runs/, trials.parquet, study.json)
     trials.py      the trials table
-    commands.py    `eos study run|resume`
+    merge.py       studies run in parts -> one folder for the report
+    commands.py    `eos study run|resume|merge`
 """

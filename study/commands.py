@@ -2,6 +2,7 @@
 
     eos study run SPEC [--name NAME] [--set KEY=VALUE ...] [--address auto] [--resume] [--dry-run]
     eos study resume STUDY_DIR_OR_NAME [--address auto]
+    eos study merge OUT PART [PART ...] [--replace]
 
 SPEC is a YAML file or a preset name (smoke, paper, optuna, boundary; study/presets/).
 Without ``--address`` a local Ray instance runs the trials (no dashboard);
@@ -98,6 +99,20 @@ def _resume(args: argparse.Namespace) -> int:
         return 1
     print(summary(outcome), flush=True)
     return 0 if outcome.complete and not outcome.errors else 1
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from study.merge import MergeError, merge_studies
+
+    try:
+        merged = merge_studies(args.out, args.parts, replace=args.replace)
+    except MergeError as e:
+        print(f"eos study merge: {e}", file=sys.stderr)
+        return 2
+    parts = merged.groupby("part", sort=False).size()
+    print(f"merged {len(merged)} trials into {args.out} ("
+          + ", ".join(f"{name}: {n}" for name, n in parts.items()) + f"); eos report {args.out}")
+    return 0
 
 
 def _print_plan(spec, misfit=None) -> int:
@@ -232,6 +247,16 @@ def register(subparsers) -> None:
     resume.add_argument("study", help="study folder (results/<name>) or name under results/")
     _add_cluster_arguments(resume)
     resume.set_defaults(func=_resume)
+
+    merge = sub.add_parser("merge", help="one study folder for eos report from studies run in parts",
+                           description="Merge studies run in parts (e.g. a subset of variants per GPU session, "
+                                       "each with its own --name) into one folder that eos report reads: "
+                                       "their step datasets, run folders without checkpoints and trials "
+                                       "tables.  The merged folder is for reading; resume the parts.")
+    merge.add_argument("out", help="the merged study folder (new, or an earlier merge with --replace)")
+    merge.add_argument("parts", nargs="+", help="study folders to merge (each with trials.parquet and steps/)")
+    merge.add_argument("--replace", action="store_true", help="overwrite OUT if it is an earlier merge")
+    merge.set_defaults(func=_merge)
 
 
 def main(argv=None) -> int:

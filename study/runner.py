@@ -504,6 +504,9 @@ def find_study(study_dir_or_name: str | os.PathLike, storage: str | os.PathLike 
     for path in candidates:
         if (path / "study.json").is_file():
             return path.resolve()
+        if (path / "merged.json").is_file():    # study.merge: a folder for reading
+            raise ConfigError(f"study: {path} is a merge of studies run in parts (merged.json): resume each "
+                              f"part in its own folder, then eos study merge again")
     looked = ", ".join(str(p / "study.json") for p in candidates)
     raise ConfigError(f"study: no study folder {str(study_dir_or_name)!r} (looked for {looked})")
 
