@@ -100,6 +100,7 @@ def test_paper_and_optuna_presets_list_all_seven_variants():
     assert paper.num_trials() == 21 and paper.search.lr.grid == [1e-3, 5e-4, 1e-4]
     assert paper.study.optimizer == "adam" and paper.resources.gpu == 0.25
     assert paper.data["subset"] == 5000 and paper.sharpness["every"] == 1
+    assert paper.sharpness["plain_every"] == 10     # λ₁(H) beside λ₁(P⁻¹H), every 10th step
     assert paper.model["preset"] in ("small", "ddpm-cifar10")
     optuna = load_spec("optuna")
     assert optuna.search.algorithm == "optuna" and optuna.study.objective == "largest_stable_lr"

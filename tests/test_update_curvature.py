@@ -231,3 +231,36 @@ def test_gd_with_weight_decay_diverges_exactly_when_the_probed_ratio_exceeds_one
         opt.step()
     final = float(model.theta.detach().norm())
     assert (final > 1e3 * start) if factor > 1 else (final < 1e-3 * start)
+
+
+def test_plain_lambda_every_nth_probe_is_the_dense_top_eigenvalue_there():
+    """sharpness.plain_every = 3: λ₁(P⁻¹H) at every probe, λ₁(H) at probes 0, 3, 6
+    only (null between), each equal to dense eigh of H at that step's parameters."""
+    model, loss = _mlp(seed=5)
+    ocfg = OptimConfig(name="adam", lr=1e-2, betas=(0.9, 0.999), eps=1e-3)
+    opt = build_optimizer(ocfg, model.parameters())
+    probe = SharpnessProbe(SharpnessConfig(plain_every=3, **TIGHT), ocfg)
+    seen = []
+    for step in range(7):
+        opt.zero_grad()
+        loss().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        top = float(torch.linalg.eigvalsh(dense_hessian(model, loss))[-1])
+        cols = probe.measure(model, loss, opt, 1e-2, grads=grads)
+        assert cols["lambda_precond"] is not None and cols["ratio"] is not None
+        if cols["lambda_max"] is not None:
+            assert cols["lambda_max"] == pytest.approx(top, rel=1e-6)
+            seen.append(step)
+        opt.step()
+    assert seen == [0, 3, 6]
+    # the count survives a resume: a probe restored from the state after 4 probes solves at the 7th
+    restored = SharpnessProbe(SharpnessConfig(plain_every=3, **TIGHT), ocfg)
+    state = probe.state_dict()
+    state["probes"] = 4
+    restored.load_state_dict(state)
+    opt.zero_grad()
+    loss().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert restored.measure(model, loss, opt, 1e-2, grads=grads)["lambda_max"] is None
+    assert restored.measure(model, loss, opt, 1e-2, grads=grads)["lambda_max"] is None
+    assert restored.measure(model, loss, opt, 1e-2, grads=grads)["lambda_max"] is not None

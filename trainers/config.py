@@ -199,6 +199,7 @@ class SharpnessConfig:
     warm_start: bool = True
     precondition: str = "auto"   # auto: P^-1 H for Adam/AdamW, plain H otherwise; or "none"
     plain_lambda: bool = True    # with P^-1 H, also solve for the plain λ₁(H) (a second eigen-solve)
+    plain_every: int = 1         # with plain_lambda: λ₁(H) at every N-th probe only (lambda_max null between)
     adam_preconditioner: str = "update"   # ADAM_PRECONDITIONERS: P of the update being taken, or init2winit's
     trace_samples: int = 0       # Hutchinson probes (0: off)
     # batch sharpness (Andreyev & Beneventano 2024): Monte-Carlo mean of gᵀH_Bg/‖g‖² over fresh training
@@ -228,6 +229,7 @@ class SharpnessConfig:
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")
+        _check(self.plain_every >= 1, "sharpness.plain_every", f"must be >= 1; got {self.plain_every}")
         _check(self.hessian_batch >= 1, "sharpness.hessian_batch", f"must be >= 1; got {self.hessian_batch}")
         _check(self.block_size >= 2, "sharpness.block_size", f"must be >= 2 (block solver); got {self.block_size}")
         _check(1 <= self.topk <= self.block_size, "sharpness.topk",

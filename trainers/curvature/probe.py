@@ -268,7 +268,8 @@ class SharpnessProbe:
                     self.warm_scale = d   # a fresh tensor: nothing else holds it
                     cols["lambda_precond"] = float(main.eigenvalues[0])
                     cols["ratio"] = cols["lambda_precond"] / threshold
-            if not self.preconditioned or self.cfg.plain_lambda or main is None:
+            plain_due = self.cfg.plain_lambda and self.probes % self.cfg.plain_every == 0
+            if not self.preconditioned or plain_due or main is None:
                 plain, plain_check = self._solve("plain", H, seed=gradient_seed)
                 cols["lambda_max"] = float(plain.eigenvalues[0])
                 if not self.preconditioned:
