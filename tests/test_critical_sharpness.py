@@ -217,6 +217,7 @@ def test_probe_logs_two_over_eta_c_of_the_adam_update_on_a_quadratic_and_leaves_
     cols = SharpnessProbe(cfg, ocfg).measure(model, model.loss, opt, ocfg.lr, grads=[model.theta.grad])
     assert cols["lambda_critical"] == pytest.approx(expected, rel=CriticalResult.relative_error(1e-3) + 1e-6)
     assert 3 <= cols["critical_passes"] <= 40
+    assert cols["lambda_dir"] == pytest.approx(expected, rel=1e-9)   # exact on a quadratic
     assert torch.equal(model.theta.detach(), theta) and _same_state(opt.state_dict(), state)
 
 
@@ -232,6 +233,7 @@ def test_gd_probe_agrees_with_step_sharpness_on_a_quadratic():
     assert cols["lambda_critical"] == pytest.approx(float(g @ A @ g / (g @ g)),
                                                     rel=CriticalResult.relative_error(PAPER_TOL))
     assert cols["lambda_critical"] <= cols["lambda_max"]
+    assert cols["lambda_dir"] == pytest.approx(float(g @ A @ g / (g @ g)), rel=1e-9)
     assert cols["critical_passes"] < 16
 
 
@@ -241,9 +243,31 @@ def test_without_the_option_or_without_gradients_the_columns_are_null():
     opt = build_optimizer(ocfg, model.parameters())
     model.loss().backward()
     cols = SharpnessProbe(SharpnessConfig(), ocfg).measure(model, model.loss, opt, 0.01, grads=[model.theta.grad])
-    assert cols["lambda_critical"] is None and cols["critical_passes"] is None
+    assert cols["lambda_critical"] is None and cols["critical_passes"] is None and cols["lambda_dir"] is None
     cols = SharpnessProbe(SharpnessConfig(critical=True), ocfg).measure(model, model.loss, opt, 0.01)
     assert cols["lambda_critical"] is None
+
+
+def test_coupled_weight_decay_is_part_of_the_searched_loss():
+    """Adam with coupled wd descends L + (wd/2)‖θ‖² (Hessian A + wd·I): 2/η_c
+    and λ_dir are those of that objective, from the closed form with the
+    optimizer's own step."""
+    model, A = _quadratic(seed=11)
+    wd = 0.5
+    ocfg = OptimConfig(name="adam", lr=1e-2, weight_decay=wd)
+    opt = build_optimizer(ocfg, model.parameters())
+    model.loss().backward()
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    twin_model.theta.grad = model.theta.grad.clone()
+    twin_opt.step()
+    delta = (model.theta.detach() - twin_model.theta.detach()) / ocfg.lr
+    theta = model.theta.detach()
+    Aw = A + wd * torch.eye(len(theta), dtype=A.dtype)
+    expected = float(delta @ Aw @ delta / (delta @ Aw @ theta))
+    cfg = SharpnessConfig(critical=True, critical_tol=1e-3, critical_max_passes=40, tol=1e-6, max_iters=300)
+    cols = SharpnessProbe(cfg, ocfg).measure(model, model.loss, opt, ocfg.lr, grads=[model.theta.grad])
+    assert cols["lambda_dir"] == pytest.approx(expected, rel=1e-9)
+    assert cols["lambda_critical"] == pytest.approx(expected, rel=CriticalResult.relative_error(1e-3) + 1e-6)
 
 
 def test_config_checks():
@@ -314,3 +338,4 @@ def test_tiny_unet_logged_value_matches_a_dense_scan_along_the_step(optimizer, l
         assert eta_scan is not None and cols["critical_passes"] <= 30
         eta_logged = 2 / cols["lambda_critical"]
         assert abs(eta_logged - eta_scan) <= CriticalResult.relative_error(tol) * eta_scan + spacing
+        assert math.isfinite(cols["lambda_dir"])

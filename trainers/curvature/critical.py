@@ -33,6 +33,7 @@ stability thresholds of λ₁ ((2 + 2β)/η, (2 + 2β₁)/((1 − β₁)η)) are
 different quantity (the growth of an oscillation over many steps), and λ_c
 is not compared with them.
 
+:func:`directional_sharpness` is that quadratic-model value, for comparison.
 :func:`update_direction` computes Δθ from the optimizer's state and the
 step's gradients without stepping (SGD with or without heavy-ball momentum,
 Adam, AdamW), so that the optimizer's state is untouched.
@@ -138,6 +139,24 @@ def critical_learning_rate(loss_fn: Callable[[], torch.Tensor], params: Sequence
         with torch.no_grad():
             for p, t in zip(params, theta):
                 p.copy_(t)
+
+
+def directional_sharpness(H: Callable[[torch.Tensor], torch.Tensor], grad: Sequence[torch.Tensor],
+                          direction: Sequence[torch.Tensor], params: Sequence[torch.Tensor] = (),
+                          weight_decay: float = 0.0) -> float:
+    """The paper's directional sharpness λ_dir = ΔθᵀHΔθ / Δθᵀg (its
+    Definition 2.2), the value of λ_c on the quadratic model of the loss:
+    ``H`` the Hessian operator of the line search's loss (flat vectors; with
+    coupled weight decay H + wd·I), ``grad`` ∇L, to which wd·θ (θ =
+    ``params``) is added here.  One product; float64 sums; NaN when Δθᵀg = 0."""
+    d = torch.cat([t.reshape(-1) for t in direction])
+    g = torch.cat([t.reshape(-1) for t in grad]).to(d)
+    if weight_decay:
+        g = g + weight_decay * torch.cat([p.detach().reshape(-1) for p in params]).to(d)
+    Hd = H(d).to(d).double()
+    d, g = d.double(), g.double()
+    slope = float(d @ g)
+    return float(d @ Hd) / slope if slope != 0.0 else float("nan")
 
 
 def update_direction(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],

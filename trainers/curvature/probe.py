@@ -30,7 +30,8 @@ measures on the frozen Hessian batch
 * optionally (``sharpness.critical``) the critical sharpness 2/η_c of Kalra
   et al. 2026 on the Hessian batch, along the update the optimizer is about
   to take (:mod:`trainers.curvature.critical`; ``lambda_critical``,
-  ``critical_passes``).
+  ``critical_passes``), and its quadratic model, the directional sharpness
+  ΔθᵀHΔθ/Δθᵀg of the same Δθ and loss (``lambda_dir``, one product).
 
 Each eigenproblem is solved by block LOBPCG (:mod:`trainers.curvature.lobpcg`),
 warm-started from the previous probe's vectors.  The Hessian operator
@@ -66,7 +67,7 @@ import torch
 import torch.nn as nn
 
 from trainers.config import OptimConfig, SharpnessConfig
-from trainers.curvature.critical import critical_learning_rate, update_direction
+from trainers.curvature.critical import critical_learning_rate, directional_sharpness, update_direction
 from trainers.curvature.hessian import (CurvatureOperator, Diagonal, DoubleBackwardHessian, Shifted, flatten, gradient,
                                         hessian_operator, trainable_parameters)
 from trainers.curvature.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified, track, verify
@@ -81,7 +82,7 @@ MicroBatches = Sequence[tuple[LossFn, float]]
 #: columns of the step log that :meth:`SharpnessProbe.measure` fills
 COLUMNS = ("lambda_max", "lambda_precond", "ratio", "eig_residual", "eig_iters", "eig_hvps",
            "eig_converged", "eig_check", "topk", "hessian_trace", "step_sharpness", "batch_sharpness",
-           "batch_sharpness_n", "lambda_critical", "critical_passes")
+           "batch_sharpness_n", "lambda_critical", "critical_passes", "lambda_dir")
 
 
 def has_tf32(device) -> bool:
@@ -244,15 +245,12 @@ class SharpnessProbe:
         subclass may wrap it, e.g. to time its products)."""
         return hessian_operator(self.method, loss_fn, params, model=model, cuda_graphs=self.cfg.cuda_graphs)
 
-    def _critical(self, loss_fn: LossFn, params, optimizer, lr: float, grads, wd: float) -> dict:
+    def _critical(self, loss_fn: LossFn, params, lr: float, direction, wd: float) -> dict:
         """``lambda_critical`` (2/η_c, null without a bracket) and
         ``critical_passes`` along the coming update's Δθ
         (:func:`trainers.curvature.critical.update_direction`), on the loss
         the update descends (+ (wd/2)‖θ‖² with coupled decay), starting from
         the last probe's η_c (the first: ``lr``)."""
-        direction = update_direction(optimizer, params, grads)
-        if direction is None:
-            return {}
         objective = loss_fn if not wd else (
             lambda: loss_fn() + 0.5 * wd * sum(p.detach().float().square().sum() for p in params))
         res = critical_learning_rate(objective, params, direction, self.critical_guess or lr,
@@ -277,6 +275,7 @@ class SharpnessProbe:
         threshold = stability_threshold(self.optim_cfg, lr)
         wd = coupled_weight_decay(self.optim_cfg)
         cols: dict = {c: None for c in COLUMNS}
+        direction = None
         with self.hessian(loss_fn, params, model) as H0:
             H = Shifted(H0, wd) if wd else H0   # the update's curvature (module docstring)
             main: Optional[LOBPCGResult] = None
@@ -306,8 +305,12 @@ class SharpnessProbe:
             if self.cfg.trace_samples > 0:
                 Z = self._rademacher(H.n, self.cfg.trace_samples, H.dtype, H.device)
                 cols["hessian_trace"] = float((Z * H(Z)).sum(dtype=torch.float64)) / self.cfg.trace_samples
-        if self.cfg.critical and grads is not None:
-            cols.update(self._critical(loss_fn, params, optimizer, lr, grads, wd))
+            direction = (update_direction(optimizer, params, grads)
+                         if self.cfg.critical and grads is not None else None)
+            if direction is not None:
+                cols["lambda_dir"] = directional_sharpness(H, H0.gradient(), direction, params, wd)
+        if direction is not None:
+            cols.update(self._critical(loss_fn, params, lr, direction, wd))
         if self.cfg.batch_sharpness:
             if batch_loss_fn is not None:
                 cols["step_sharpness"] = batch_sharpness(batch_loss_fn, params, model, weight_decay=wd)

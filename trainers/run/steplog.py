@@ -57,6 +57,9 @@ lambda_critical    float64        1/η      critical sharpness 2/η_c (Kalra et 
                                            (sharpness.critical)
 critical_passes    int64          count    forward passes the critical-sharpness line search
                                            took
+lambda_dir         float64        1/η      directional sharpness ΔθᵀHΔθ/Δθᵀg of the same update
+                                           Δθ and loss: λ_critical's quadratic model
+                                           (sharpness.critical)
 hessian_batch_id   int64          count    frozen Hessian batch measured on: 0, then +1 at
                                            each redraw (new variant objective, e.g. pd stage;
                                            refresh_batch)
@@ -137,6 +140,8 @@ STEP_COLUMNS: tuple[Column, ...] = (
                                          "along the coming update at which the Hessian-batch loss rises, by "
                                          "line search (sharpness.critical)"),
     Column("critical_passes", _I, "count", "forward passes the critical-sharpness line search took"),
+    Column("lambda_dir", _F, "1/η", "directional sharpness ΔθᵀHΔθ/Δθᵀg of the same update Δθ and loss: "
+                                    "λ_critical's quadratic model (sharpness.critical)"),
     Column("hessian_batch_id", _I, "count", "frozen Hessian batch measured on: 0, then +1 at each redraw (new "
                                             "variant objective, e.g. pd stage; refresh_batch)"),
     Column("variant_stats", pa.string(), "JSON", "JSON object of the variant's own scalars"),
