@@ -331,7 +331,6 @@ def test_tiny_unet_logged_value_matches_a_dense_scan_along_the_step(optimizer, l
     for _ in range(2):
         for run in runs:
             train_step(run)
-            run.step += 1
     for p, q in zip(*(run.model.parameters() for run in runs)):
         assert torch.equal(p, q)
     for cols, eta_scan, spacing in seen:
@@ -339,3 +338,56 @@ def test_tiny_unet_logged_value_matches_a_dense_scan_along_the_step(optimizer, l
         eta_logged = 2 / cols["lambda_critical"]
         assert abs(eta_logged - eta_scan) <= CriticalResult.relative_error(tol) * eta_scan + spacing
         assert math.isfinite(cols["lambda_dir"])
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_probe_matches_the_closed_form_and_restores_the_parameters():
+    """On the GPU (CUDA-graph products, TF32 search where the GPU has it) the
+    logged 2/η_c and λ_dir of an Adam step on a float32 quadratic match the
+    closed form of the optimizer's own step; parameters and state unchanged."""
+    model, A = _quadratic(seed=12)
+    model = model.float().cuda()
+    A = A.float().cuda()
+    ocfg = OptimConfig(name="adam", lr=1e-2)
+    opt = build_optimizer(ocfg, model.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss().backward()
+        opt.step()
+    opt.zero_grad()
+    model.loss().backward()
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    twin_model.theta.grad = model.theta.grad.clone()
+    twin_opt.step()
+    delta = ((model.theta.detach() - twin_model.theta.detach()) / ocfg.lr).double()
+    Ad = A.double()
+    expected = float(delta @ Ad @ delta / (delta @ Ad @ model.theta.detach().double()))
+    theta, state = model.theta.detach().clone(), copy.deepcopy(opt.state_dict())
+    cfg = SharpnessConfig(critical=True, critical_tol=1e-3, critical_max_passes=40)
+    cols = SharpnessProbe(cfg, ocfg).measure(model, model.loss, opt, ocfg.lr, grads=[model.theta.grad])
+    assert cols["lambda_critical"] == pytest.approx(expected, rel=CriticalResult.relative_error(1e-3) + 1e-3)
+    assert cols["lambda_dir"] == pytest.approx(expected, rel=1e-3)
+    assert torch.equal(model.theta.detach(), theta) and _same_state(opt.state_dict(), state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_tiny_unet_training_is_unchanged_and_the_value_is_finite():
+    from trainers.run.loop import Trainer, train_step
+
+    sharp = {"every": 1, "hessian_batch": 4, "max_iters": 10, "tol": 0.05}
+    runs = [Trainer(run_config(tiny_config(sharpness={**sharp, **extra}, train={"steps": 3, "device": "cuda"})))
+            for extra in ({"critical": True}, {})]
+    rows = []
+    for _ in range(3):
+        for run in runs:
+            row, _ = train_step(run)
+            if run is runs[0]:
+                rows.append(row)
+    for p, q in zip(*(run.model.parameters() for run in runs)):   # up to the GPU's non-deterministic reductions
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    for row in rows:
+        assert math.isfinite(row["lambda_critical"]) and math.isfinite(row["lambda_dir"])
+        assert row["critical_passes"] <= 16
