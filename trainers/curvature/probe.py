@@ -245,15 +245,17 @@ class SharpnessProbe:
         subclass may wrap it, e.g. to time its products)."""
         return hessian_operator(self.method, loss_fn, params, model=model, cuda_graphs=self.cfg.cuda_graphs)
 
-    def _critical(self, loss_fn: LossFn, params, lr: float, direction, wd: float) -> dict:
+    def _critical(self, loss_fn: LossFn, params, lr: float, direction, wd: float, lambda_dir: float) -> dict:
         """``lambda_critical`` (2/η_c, null without a bracket) and
         ``critical_passes`` along the coming update's Δθ
         (:func:`trainers.curvature.critical.update_direction`), on the loss
         the update descends (+ (wd/2)‖θ‖² with coupled decay), starting from
-        the last probe's η_c (the first: ``lr``)."""
+        the last probe's η_c (the first: the quadratic model's 2/λ_dir where
+        λ_dir > 0, else ``lr``)."""
         objective = loss_fn if not wd else (
             lambda: loss_fn() + 0.5 * wd * sum(p.detach().float().square().sum() for p in params))
-        res = critical_learning_rate(objective, params, direction, self.critical_guess or lr,
+        guess = self.critical_guess or (2.0 / lambda_dir if math.isfinite(lambda_dir) and lambda_dir > 0 else lr)
+        res = critical_learning_rate(objective, params, direction, guess,
                                      tol=self.cfg.critical_tol, max_passes=self.cfg.critical_max_passes)
         if res.lr is not None:
             self.critical_guess = res.lr
@@ -310,7 +312,7 @@ class SharpnessProbe:
             if direction is not None:
                 cols["lambda_dir"] = directional_sharpness(H, H0.gradient(), direction, params, wd)
         if direction is not None:
-            cols.update(self._critical(loss_fn, params, lr, direction, wd))
+            cols.update(self._critical(loss_fn, params, lr, direction, wd, cols["lambda_dir"]))
         if self.cfg.batch_sharpness:
             if batch_loss_fn is not None:
                 cols["step_sharpness"] = batch_sharpness(batch_loss_fn, params, model, weight_decay=wd)
