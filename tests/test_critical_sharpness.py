@@ -270,6 +270,22 @@ def test_coupled_weight_decay_is_part_of_the_searched_loss():
     assert cols["lambda_critical"] == pytest.approx(expected, rel=CriticalResult.relative_error(1e-3) + 1e-6)
 
 
+def test_the_next_probe_starts_from_the_last_eta_c_also_after_a_resume():
+    model, A = _quadratic(seed=13)
+    ocfg = OptimConfig(name="gd", lr=0.01)
+    opt = build_optimizer(ocfg, model.parameters())
+    model.loss().backward()
+    probe = SharpnessProbe(SharpnessConfig(critical=True), ocfg)
+    cols = probe.measure(model, model.loss, opt, 0.01, grads=[model.theta.grad])
+    assert probe.critical_guess == pytest.approx(2 / cols["lambda_critical"])
+    resumed = SharpnessProbe(SharpnessConfig(critical=True), ocfg)
+    resumed.load_state_dict(probe.state_dict())
+    assert resumed.critical_guess == probe.critical_guess
+    again = [p.measure(model, model.loss, opt, 0.01, grads=[model.theta.grad]) for p in (probe, resumed)]
+    assert again[0] == again[1]
+    assert again[0]["critical_passes"] <= 6   # L(θ), the guess, one doubling or halving, bisections
+
+
 def test_config_checks():
     assert SharpnessConfig().critical is False
     for key, value in (("critical_tol", 0.0), ("critical_tol", 1.0), ("critical_max_passes", 2)):
