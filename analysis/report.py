@@ -71,9 +71,10 @@ DEFINITIONS = [
                         "the onset."),
     ("critical sharpness", "2/η_c, η_c the smallest step along the update Δθ the optimizer is about to take at "
                            "which the Hessian-batch loss rises, by line search (Kalra et al. 2026, "
-                           "`sharpness.critical`); ΔθᵀHΔθ/Δθᵀg is its value on the quadratic model. Comparable "
-                           "with λ₁(H) and 2/η for GD; for Adam with λ₁(P⁻¹H) only as a lower bound on the first "
-                           "step (a Rayleigh quotient), and with 2/η, not with Adam's threshold."),
+                           "`sharpness.critical`); ΔθᵀHΔθ/Δθᵀg is its value on the quadratic model. Compared "
+                           "with 2/η for every optimizer (above it: the step raises that loss); it is at most λ₁(H) "
+                           "for GD and, on Adam's first step, at most (1 − β₁)·λ₁(P⁻¹H); it is not divided by "
+                           "Adam's threshold."),
     ("status", "; ".join(f"`{s}`: {STATUS_MEANINGS[s]}" for s in STATUSES) + "."),
     ("diverged", "trial status `diverged` or a NaN/inf loss."),
     ("final loss", "the trial's final training loss; the mean is over seeds whose final loss is finite."),

@@ -248,6 +248,28 @@ def test_without_the_option_or_without_gradients_the_columns_are_null():
     assert cols["lambda_critical"] is None
 
 
+def test_adams_first_step_is_bounded_by_the_preconditioned_lambda():
+    """On Adam's first step m̂ = g, so 2/η_c is the Rayleigh quotient of
+    D A D at Dg, D = (√v̂ + ε)^{-1/2}, at most (1 − β₁)·λ₁(P⁻¹A) with the
+    probe's update preconditioner (dense eigenvalues)."""
+    model, A = _quadratic(seed=14)
+    ocfg = OptimConfig(name="adam", lr=1e-2, eps=1e-3)
+    opt = build_optimizer(ocfg, model.parameters())
+    model.loss().backward()
+    g = model.theta.grad.detach().clone()
+    D = ((g.square()).sqrt() + ocfg.eps).rsqrt()       # v̂ = g² on the first step
+    u = D * g
+    rayleigh = float(u @ (D[:, None] * A * D[None, :]) @ u / (u @ u))
+    cfg = SharpnessConfig(critical=True, critical_tol=1e-3, critical_max_passes=40, tol=1e-8, max_iters=500)
+    cols = SharpnessProbe(cfg, ocfg).measure(model, model.loss, opt, ocfg.lr, grads=[model.theta.grad])
+    assert cols["lambda_dir"] == pytest.approx(rayleigh, rel=1e-9)
+    assert cols["lambda_critical"] == pytest.approx(rayleigh, rel=CriticalResult.relative_error(1e-3) + 1e-6)
+    P = (1 - 0.9) * (g.abs() + ocfg.eps)
+    top = float(torch.linalg.eigvals(A / P[:, None]).real.max())
+    assert cols["lambda_precond"] == pytest.approx(top, rel=1e-5)
+    assert cols["lambda_dir"] <= (1 - 0.9) * top * (1 + 1e-9)
+
+
 def test_coupled_weight_decay_is_part_of_the_searched_loss():
     """Adam with coupled wd descends L + (wd/2)‖θ‖² (Hessian A + wd·I): 2/η_c
     and λ_dir are those of that objective, from the closed form with the

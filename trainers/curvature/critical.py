@@ -22,16 +22,23 @@ rise.
 L(θ − ηΔθ) = L − η Δθᵀg + ½ η² ΔθᵀHΔθ the loss rises for η > 2 Δθᵀg /
 ΔθᵀHΔθ, so λ_c is the directional sharpness ΔθᵀHΔθ / Δθᵀg (exactly so on a
 quadratic, up to the bracket's width).  With gradient descent, Δθ = g: λ_c
-= gᵀHg/‖g‖² ≤ λ₁(H).  With Adam (Δθ = P⁻¹m, :func:`update_direction`) and
-m = g (the first step, or a steady gradient), λ_c = uᵀ(P^{-1/2}HP^{-1/2})u /
-‖u‖² with u = P^{-1/2}g, a Rayleigh quotient of the preconditioned Hessian:
-λ_c ≤ λ₁(P⁻¹H) (the paper's Result 2.3); with momentum m ≠ g there is no
-such bound.  The comparable threshold of λ_c is 2/η for every optimizer:
-λ_c > 2/η says the step about to be taken raises the measured loss.  For GD
-that is the stability threshold 2/η of λ₁(H); for momentum and Adam the
-stability thresholds of λ₁ ((2 + 2β)/η, (2 + 2β₁)/((1 − β₁)η)) are of a
-different quantity (the growth of an oscillation over many steps), and λ_c
-is not compared with them.
+= gᵀHg/‖g‖² ≤ λ₁(H).  With Adam, Δθ = m̂/(√v̂ + ε); when m̂ = g (exactly
+so on Adam's first step) λ_c = uᵀ(DHD)u/‖u‖² with D = (√v̂ + ε)^{-1/2} and
+u = Dg, a Rayleigh quotient of the preconditioned Hessian, so λ_c ≤
+λ₁(H/(√v̂ + ε)) = (1 − β₁ᵗ⁺¹) λ₁(P⁻¹H) with the probe's ``update``
+preconditioner P = (1 − β₁ᵗ⁺¹)(√v̂ + ε)
+(:func:`trainers.curvature.thresholds.adam_preconditioner`; the factor is
+1 − β₁ = 0.1 on the first step and tends to 1) — the paper's result for
+adaptive optimizers, §2.3; with momentum, m̂ ≠ g, there is no such bound.  The threshold λ_c is compared with is 2/η
+for every optimizer: λ_c > 2/η says the step about to be taken raises the
+measured loss.  For GD that is also the stability threshold of λ₁(H); the
+momentum and Adam thresholds of λ₁ ((2 + 2β)/η, (2 + 2β₁)/((1 − β₁)η))
+are a different condition (an oscillation growing over many steps), which
+the paper draws beside λ_c of AdamW (λ_c stays below it) but which λ_c is
+not divided by here.  The paper searches on the training batch; the probe
+searches on its frozen Hessian batch, like λ₁ (the training batch itself
+when the objective is deterministic and ``sharpness.hessian_batch`` covers
+it).
 
 :func:`directional_sharpness` is that quadratic-model value, for comparison.
 :func:`update_direction` computes Δθ from the optimizer's state and the
