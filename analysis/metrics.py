@@ -51,6 +51,7 @@ deviation; no band for a single seed), clipped to the metric's natural range
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Iterable, Optional, Sequence
@@ -377,3 +378,46 @@ def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "t
         out[f"{col}_n"] = out[f"{col}_n"].fillna(0).astype(int)
     return out
 
+
+
+def has_critical(study: Study) -> bool:
+    """Whether the study logged critical sharpness (``sharpness.critical``)."""
+    return "lambda_critical" in study.steps and study.steps["lambda_critical"].notna().any()
+
+
+def _with_critical(study: Study) -> Study:
+    """The study's steps plus ``two_over_lr`` (2/η: λ_critical above it means
+    the step raises the Hessian-batch loss) and the ratios of λ_critical to
+    λ₁ (the operator of ``ratio``) and to λ_dir."""
+    steps = with_lambda(study.steps)
+    steps["two_over_lr"] = 2.0 / steps["lr"].astype(float)
+    crit = steps["lambda_critical"].astype(float)
+    steps["critical_over_lambda"] = crit / steps["lambda"].astype(float)
+    steps["critical_over_dir"] = crit / steps["lambda_dir"].astype(float)
+    return dataclasses.replace(study, steps=steps)
+
+
+def critical_curves(study: Study) -> pd.DataFrame:
+    """:func:`curves` of λ₁ (``lambda``), ``lambda_critical``, ``lambda_dir``
+    and 2/η (``two_over_lr``)."""
+    return curves(_with_critical(study), columns=("lambda", "lambda_critical", "lambda_dir", "two_over_lr"))
+
+
+def critical_agreement(study: Study) -> pd.DataFrame:
+    """Per variant × lr, over every probed step of every seed with a
+    critical sharpness: the median of λ_critical/λ₁ and λ_critical/λ_dir, the
+    fraction of steps with λ_critical > 2/η (the step raised the
+    Hessian-batch loss) and the median line-search passes."""
+    steps = _with_critical(study).steps
+    steps = steps[np.isfinite(steps["lambda_critical"].astype(float))]
+    lr_of = study.trials.set_index("trial_id")["lr"]
+    steps = steps.assign(lr=steps["trial_id"].map(lr_of))
+    rows = []
+    for (variant, lr), g in steps.groupby(["variant", "lr"], sort=True):
+        crit = g["lambda_critical"].astype(float)
+        rows.append({"variant": variant, "lr": lr, "probes": len(g),
+                     "critical_over_lambda": float(g["critical_over_lambda"].median()),
+                     "critical_over_dir": float(g["critical_over_dir"].median()),
+                     "above_two_over_lr": float((crit > g["two_over_lr"]).mean()),
+                     "passes": float(g["critical_passes"].astype(float).median())})
+    return pd.DataFrame(rows)

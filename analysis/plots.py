@@ -181,6 +181,51 @@ def plot_lambda(curves: pd.DataFrame, optimizers: Sequence[str] = (), title: str
     return fig
 
 
+def plot_critical(curves: pd.DataFrame, optimizers: Sequence[str] = (), title: str = "") -> Optional[Figure]:
+    """Critical sharpness 2/η_c (``lambda_critical``, markers) against λ₁ of
+    the ratio's operator (solid), the directional sharpness ``lambda_dir``
+    (dotted) and 2/η (dashed), one panel per variant, one colour per
+    learning rate (:func:`analysis.metrics.critical_curves`); None without
+    critical sharpness.  Log scale when 2/η_c is positive throughout, with
+    the non-positive values of the other curves (λ_dir < 0: the update's
+    direction has negative curvature) left out."""
+    if "lambda_critical_n" not in curves or curves["lambda_critical_n"].sum() == 0:
+        return None
+    variants = sorted(curves["variant"].unique())
+    lrs = lr_order(curves["lr"].unique())
+    palette = _lr_palette(lrs)
+    lines = (("lambda", "-", None), ("lambda_critical", "-", "o"), ("lambda_dir", ":", None),
+             ("two_over_lr", "--", None))
+    with sns.axes_style(STYLE), sns.plotting_context(CONTEXT):
+        nrows, ncols = _facets(len(variants))
+        fig, axes = _figure(nrows, ncols, sharex=True, sharey=True)
+        log = _positive(curves["lambda_critical_mean"])
+        for ax, variant in zip(axes.flat, variants):
+            for lr in lrs:
+                c = thin(curves[(curves["variant"] == variant) & (curves["lr"] == lr)])
+                for col, style, marker in lines:
+                    ok = (c[f"{col}_n"] > 0) & ((c[f"{col}_mean"] > 0) if log else True)
+                    ax.plot(c["step"], c[f"{col}_mean"].where(ok), color=palette[lr], linestyle=style, marker=marker,
+                            markersize=3, linewidth=1.6 if col == "lambda_critical" else 1.0)
+            ax.set_title(variant)
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("sharpness (1/η)")
+        values = [curves[f"{col}_mean"] for col, _, _ in lines]
+        if log:
+            axes[0, 0].set_yscale("log")
+            _log_limits(axes[0, 0], *values)
+        _hide_unused(axes, len(variants))
+        handles = [Line2D([], [], color=palette[lr], label=lr_label(lr)) for lr in lrs]
+        handles += [Line2D([], [], color="0.3", linestyle="-", marker="o", markersize=3, label="2/η_c (critical)"),
+                    Line2D([], [], color="0.3", linestyle="-", label=lambda_label(optimizers)),
+                    Line2D([], [], color="0.3", linestyle=":", label="ΔθᵀHΔθ/Δθᵀg"),
+                    Line2D([], [], color="0.3", linestyle="--", label="2/η")]
+        fig.legend(handles=handles, loc="outside right center")
+        fig.suptitle(title or "Critical sharpness 2/η_c, λ₁ and ΔθᵀHΔθ/Δθᵀg (mean over seeds)")
+    return fig
+
+
 def plot_ratio(curves: pd.DataFrame, title: str = "", column: str = "ratio", ylabel: str = "λ₁ / threshold") -> Figure:
     """``column`` (default λ₁/threshold) of every variant on one axis per
     learning rate (log y), with the threshold (ratio 1) and the ±10 % band

@@ -46,6 +46,9 @@ FIGURE_CAPTIONS = {
     "loss": "Training loss, one panel per variant.",
     "heatmaps": "Mean EoS onset step and fraction of diverged seeds over variant × learning rate.",
     "fid": "Final FID of EMA samples against the learning rate.",
+    "critical": "Critical sharpness 2/η_c (markers; `sharpness.critical`) against λ₁ (solid), its quadratic model "
+                "ΔθᵀHΔθ/Δθᵀg (dotted) and 2/η (dashed), all on the Hessian batch: 2/η_c above 2/η means the "
+                "step raised that loss (docs/results.md).",
 }
 
 DEFINITIONS = [
@@ -66,6 +69,12 @@ DEFINITIONS = [
                    "is still in the transient)."),
     ("sharpening rate", "least-squares slope of λ₁ per step over the probed steps after the transient and before "
                         "the onset."),
+    ("critical sharpness", "2/η_c, η_c the smallest step along the update Δθ the optimizer is about to take at "
+                           "which the Hessian-batch loss rises, by line search (Kalra et al. 2026, "
+                           "`sharpness.critical`); ΔθᵀHΔθ/Δθᵀg is its value on the quadratic model. Compared "
+                           "with 2/η for every optimizer (above it: the step raises that loss); it is at most λ₁(H) "
+                           "for GD and, on Adam's first step, at most (1 − β₁)·λ₁(P⁻¹H); it is not divided by "
+                           "Adam's threshold."),
     ("status", "; ".join(f"`{s}`: {STATUS_MEANINGS[s]}" for s in STATUSES) + "."),
     ("diverged", "trial status `diverged` or a NaN/inf loss."),
     ("final loss", "the trial's final training loss; the mean is over seeds whose final loss is finite."),
@@ -124,6 +133,7 @@ def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
         "loss": (lambda: P.plot_loss(c)) if has_loss else None,
         "heatmaps": (lambda: P.plot_heatmaps(agg)) if len(agg) else None,
         "fid": (lambda: P.plot_fid(agg)) if len(agg) else None,
+        "critical": (lambda: P.plot_critical(M.critical_curves(study), optimizers)) if M.has_critical(study) else None,
     }
     out = {}
     for name, make in makers.items():
@@ -204,6 +214,18 @@ def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
             row["KID"] = _with_band(r, "kid")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def critical_table(study: Study) -> pd.DataFrame:
+    """:func:`analysis.metrics.critical_agreement` in the report's words."""
+    t = in_lr_order(M.critical_agreement(study))
+    return pd.DataFrame({
+        "variant": t["variant"], "lr": [P.format_lr(lr) for lr in t["lr"]], "probes": t["probes"],
+        "2/η_c ÷ λ₁ (median)": [_num(x) for x in t["critical_over_lambda"]],
+        "2/η_c ÷ ΔθᵀHΔθ/Δθᵀg (median)": [_num(x) for x in t["critical_over_dir"]],
+        "steps with 2/η_c > 2/η": [_pct(x) for x in t["above_two_over_lr"]],
+        "line-search passes (median)": [_num(x) for x in t["passes"]],
+    })
 
 
 def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
@@ -317,6 +339,7 @@ def report_context(study: Study, tables: StudyTables, figures: dict[str, P.Figur
                     for name, paths in figures.items()],
         "boundary": None if boundary is None else boundary.context(out_dir),
         "trials": per_trial_table(tables.per_trial),
+        "critical": critical_table(study) if M.has_critical(study) else None,
         "definitions": DEFINITIONS,
     }
 

@@ -234,7 +234,8 @@ def check_report(study_dir: Path, out_dir: Path):
     assert len(summary) == groups
     assert len(pd.read_csv(paths.per_trial_csv)) == len(study.trials)
     md = paths.markdown.read_text(encoding="utf-8")
-    table_rows = [line for line in md.splitlines() if line.startswith("| ")]
+    summary_md = md.split("## Summary", 1)[1].split("\n## ", 1)[0]   # other sections have tables of their own
+    table_rows = [line for line in summary_md.splitlines() if line.startswith("| ")]
     assert len(table_rows) == groups + 1            # header + one row per variant × lr
     first_cells = [row[0] for row in markdown_rows(md)]
     for variant in study.variants:

@@ -64,3 +64,20 @@ def test_thin_averages_long_curves_into_bins():
     np.testing.assert_allclose(thin["ratio_mean"], 1.0)
     np.testing.assert_allclose(thin["step"], np.arange(1000) * 10 + 4.5)
     assert plots.thin(curve.iloc[:50], max_points=1000).equals(curve.iloc[:50])
+
+
+def test_critical_figure_only_with_the_column(tables, tmp_path):
+    from analysis.metrics import critical_curves
+
+    study, _, _ = tables
+    steps = study.steps.copy()
+    lam = steps["ratio"].astype(float) * steps["threshold"].astype(float)
+    with_critical = type(study)(study.name, study.path, study.kind,
+                                steps.assign(lambda_critical=0.3 * lam, lambda_dir=0.4 * lam, critical_passes=6),
+                                study.trials)
+    c = critical_curves(with_critical)
+    assert np.allclose(c["lambda_critical_mean"].dropna() / c.loc[c["lambda_critical_n"] > 0, "lambda_mean"], 0.3)
+    assert np.allclose(c["two_over_lr_mean"], 2 / c["lr"])
+    fig = plots.plot_critical(c, list(study.trials["optimizer"]))
+    _check_written(plots.save_figure(fig, tmp_path, "critical"), ["2/η_c (critical)", "2/η", "base", "η = 1e-3"])
+    assert plots.plot_critical(critical_curves(study)) is None

@@ -145,3 +145,57 @@ def test_documents_are_templates_with_tables_rendered_by_pandas(tmp_path):
     assert rows[1:len(expected) + 1] == expected.astype(str).values.tolist()
     assert page.count('<table id="T_summary"') == 1 and page.count('<table id="T_trials"') == 1
     assert page.count("<tr>") == (len(expected) + 1) + (len(trials) + 1)
+
+
+def _critical_study(tmp_path):
+    """Two Adam trials whose probed steps log a critical sharpness alternating
+    1.5 and 0.5 × 2/η, and λ_dir = 2/η; one trial without (a study mixing
+    runs with and without sharpness.critical)."""
+    from analysis_fixtures import write_steps
+
+    trials = [SyntheticTrial("base", 1e-3, 0, steps=20, onset=10), SyntheticTrial("base", 1e-4, 0, steps=20),
+              SyntheticTrial("edm", 1e-3, 0, steps=20, onset=10)]
+    study_dir = tmp_path / "s"
+    expected = {}
+    for t in trials:
+        rows = t.rows()
+        with_critical = t.variant == "base"
+        for r in rows:
+            if with_critical and r["step"] % 2 == 0:
+                r["lambda_critical"] = (1.5 if r["step"] % 4 == 0 else 0.5) * 2 / t.lr
+                r["lambda_dir"] = 2 / t.lr
+                r["critical_passes"] = 6 + r["step"] % 4
+        write_steps(study_dir / "steps" / f"variant={t.variant}" / f"trial={t.trial_id}", rows)
+        if with_critical:
+            probed = [r for r in rows if r.get("lambda_critical") is not None]
+            expected[t.lr] = (len(probed), float(np.median([r["lambda_critical"] / r["lambda_precond"]
+                                                            for r in probed])))
+    pd.DataFrame([t.trial_row() for t in trials]).to_parquet(study_dir / "trials.parquet")
+    return study_dir, expected
+
+
+def test_critical_sharpness_agreement_table_and_figure(tmp_path):
+    from analysis.load import load
+    from analysis.metrics import critical_agreement
+
+    study_dir, expected = _critical_study(tmp_path)
+    table = critical_agreement(load(study_dir)).set_index("lr")
+    assert list(table["variant"]) == ["base", "base"]          # edm logged none
+    for lr, (probes, over_lambda) in expected.items():
+        assert table.loc[lr, "probes"] == probes
+        assert table.loc[lr, "critical_over_lambda"] == pytest.approx(over_lambda)
+        assert table.loc[lr, "critical_over_dir"] == pytest.approx(1.0)   # median of 1.5 and 0.5 (5 and 5)
+        assert table.loc[lr, "above_two_over_lr"] == pytest.approx(0.5)
+        assert table.loc[lr, "passes"] == pytest.approx(7.0)
+    paths = check_report(study_dir, tmp_path / "out")
+    assert "critical" in paths.figures and paths.figures["critical"].png.stat().st_size > 10_000
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "## Critical sharpness" in md and "50%" in md
+    assert paths.html.read_text(encoding="utf-8").count('class="critical"') == 1
+
+
+def test_no_critical_section_without_the_column(tmp_path):
+    study_dir, _ = build_fixture_study(tmp_path)
+    paths = build_report(study_dir, tmp_path / "out", quiet=True)
+    assert "critical" not in paths.figures
+    assert "Critical sharpness" not in paths.markdown.read_text(encoding="utf-8").split("## Definitions")[0]

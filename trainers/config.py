@@ -226,6 +226,12 @@ class SharpnessConfig:
     # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
     # thousands; trainers.curvature.hessian); no effect on the CPU or with other hvp methods
     cuda_graphs: bool = True
+    # critical sharpness 2/η_c (Kalra et al. 2026; trainers.curvature.critical): line search for the smallest η at
+    # which the update raises the Hessian-batch loss, to 1 - η_lo/η_hi <= critical_tol, in <= critical_max_passes
+    # forward passes
+    critical: bool = False
+    critical_tol: float = 0.0625
+    critical_max_passes: int = 16
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")
@@ -249,6 +255,9 @@ class SharpnessConfig:
         _choice(self.solver, SOLVERS, "sharpness.solver")
         _choice(self.explore, EXPLORATIONS, "sharpness.explore")
         _check(self.verify_every >= 0, "sharpness.verify_every", f"must be >= 0; got {self.verify_every}")
+        _check(0 < self.critical_tol < 1, "sharpness.critical_tol", f"must be in (0, 1); got {self.critical_tol}")
+        _check(self.critical_max_passes >= 3, "sharpness.critical_max_passes",
+               f"must be >= 3 (the loss, a guess and one more); got {self.critical_max_passes}")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

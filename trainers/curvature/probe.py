@@ -26,7 +26,12 @@ measures on the frozen Hessian batch
   standard error reaches ``sharpness.batch_sharpness_rse`` or
   ``batch_sharpness_max_batches`` batches were drawn
   (:func:`monte_carlo_batch_sharpness`; ``batch_sharpness``,
-  ``batch_sharpness_n``).
+  ``batch_sharpness_n``);
+* optionally (``sharpness.critical``) the critical sharpness 2/η_c of Kalra
+  et al. 2026 on the Hessian batch, along the update the optimizer is about
+  to take (:mod:`trainers.curvature.critical`; ``lambda_critical``,
+  ``critical_passes``), and its quadratic model, the directional sharpness
+  ΔθᵀHΔθ/Δθᵀg of the same Δθ and loss (``lambda_dir``, one product).
 
 Each eigenproblem is solved by block LOBPCG (:mod:`trainers.curvature.lobpcg`),
 warm-started from the previous probe's vectors.  The Hessian operator
@@ -62,6 +67,7 @@ import torch
 import torch.nn as nn
 
 from trainers.config import OptimConfig, SharpnessConfig
+from trainers.curvature.critical import critical_learning_rate, directional_sharpness, update_direction
 from trainers.curvature.hessian import (CurvatureOperator, Diagonal, DoubleBackwardHessian, Shifted, flatten, gradient,
                                         hessian_operator, trainable_parameters)
 from trainers.curvature.lobpcg import LOBPCGResult, lobpcg, lobpcg_verified, track, verify
@@ -76,7 +82,7 @@ MicroBatches = Sequence[tuple[LossFn, float]]
 #: columns of the step log that :meth:`SharpnessProbe.measure` fills
 COLUMNS = ("lambda_max", "lambda_precond", "ratio", "eig_residual", "eig_iters", "eig_hvps",
            "eig_converged", "eig_check", "topk", "hessian_trace", "step_sharpness", "batch_sharpness",
-           "batch_sharpness_n")
+           "batch_sharpness_n", "lambda_critical", "critical_passes", "lambda_dir")
 
 
 def has_tf32(device) -> bool:
@@ -131,13 +137,15 @@ class SharpnessProbe:
         self.explore: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, 1) exploration direction
         self.warm_scale: Optional[torch.Tensor] = None   # P^{-1/2} (n, 1) at the last λ₁(P⁻¹H) solve
         self.probes = 0
+        self.critical_guess: Optional[float] = None   # the last η_c: the next line search starts there
 
     # --- state -----------------------------------------------------------
     def state_dict(self) -> dict:
         return {"warm": {k: v.detach().cpu().clone() for k, v in self.warm.items()},
                 "explore": {k: v.detach().cpu().clone() for k, v in self.explore.items()},
                 "warm_scale": None if self.warm_scale is None else self.warm_scale.detach().cpu().clone(),
-                "generator": self.generator.get_state(), "probes": self.probes}
+                "generator": self.generator.get_state(), "probes": self.probes,
+                "critical_guess": self.critical_guess}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; tensors may come on any device (they are
@@ -150,6 +158,7 @@ class SharpnessProbe:
         if "generator" in state:
             self.generator.set_state(state["generator"].to("cpu", torch.uint8))
         self.probes = int(state.get("probes", 0))
+        self.critical_guess = state.get("critical_guess")
 
     def reset_warm_start(self) -> None:
         """Forget the warm-start vectors: the next solve starts cold (the
@@ -236,6 +245,22 @@ class SharpnessProbe:
         subclass may wrap it, e.g. to time its products)."""
         return hessian_operator(self.method, loss_fn, params, model=model, cuda_graphs=self.cfg.cuda_graphs)
 
+    def _critical(self, loss_fn: LossFn, params, lr: float, direction, wd: float, lambda_dir: float) -> dict:
+        """``lambda_critical`` (2/η_c, null without a bracket) and
+        ``critical_passes`` along the coming update's Δθ
+        (:func:`trainers.curvature.critical.update_direction`), on the loss
+        the update descends (+ (wd/2)‖θ‖² with coupled decay), starting from
+        the last probe's η_c (the first: the quadratic model's 2/λ_dir where
+        λ_dir > 0, else ``lr``)."""
+        objective = loss_fn if not wd else (
+            lambda: loss_fn() + 0.5 * wd * sum(p.detach().float().square().sum() for p in params))
+        guess = self.critical_guess or (2.0 / lambda_dir if math.isfinite(lambda_dir) and lambda_dir > 0 else lr)
+        res = critical_learning_rate(objective, params, direction, guess,
+                                     tol=self.cfg.critical_tol, max_passes=self.cfg.critical_max_passes)
+        if res.lr is not None:
+            self.critical_guess = res.lr
+        return {"lambda_critical": res.sharpness, "critical_passes": res.passes}
+
     def measure(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, lr: float,
                 batch_loss_fn: Optional[Union[LossFn, MicroBatches]] = None, *, grads=None,
                 sample_batch: Optional[Callable[[int], MicroBatches]] = None) -> dict:
@@ -252,6 +277,7 @@ class SharpnessProbe:
         threshold = stability_threshold(self.optim_cfg, lr)
         wd = coupled_weight_decay(self.optim_cfg)
         cols: dict = {c: None for c in COLUMNS}
+        direction = None
         with self.hessian(loss_fn, params, model) as H0:
             H = Shifted(H0, wd) if wd else H0   # the update's curvature (module docstring)
             main: Optional[LOBPCGResult] = None
@@ -282,6 +308,12 @@ class SharpnessProbe:
             if self.cfg.trace_samples > 0:
                 Z = self._rademacher(H.n, self.cfg.trace_samples, H.dtype, H.device)
                 cols["hessian_trace"] = float((Z * H(Z)).sum(dtype=torch.float64)) / self.cfg.trace_samples
+            direction = (update_direction(optimizer, params, grads)
+                         if self.cfg.critical and grads is not None else None)
+            if direction is not None:
+                cols["lambda_dir"] = directional_sharpness(H, H0.gradient(), direction, params, wd)
+        if direction is not None:
+            cols.update(self._critical(loss_fn, params, lr, direction, wd, cols["lambda_dir"]))
         if self.cfg.batch_sharpness:
             if batch_loss_fn is not None:
                 cols["step_sharpness"] = batch_sharpness(batch_loss_fn, params, model, weight_decay=wd)

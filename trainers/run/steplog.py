@@ -51,6 +51,15 @@ batch_sharpness    float64        loss/θ²  batch sharpness: mean of gᵀH_Bg/�
                                            mode), Monte Carlo
 batch_sharpness_n  int64          count    mini-batches the batch sharpness averaged (it stops
                                            at sharpness.batch_sharpness_rse or _max_batches)
+lambda_critical    float64        1/η      critical sharpness 2/η_c (Kalra et al. 2026): η_c
+                                           the smallest step along the coming update at which
+                                           the Hessian-batch loss rises, by line search
+                                           (sharpness.critical)
+critical_passes    int64          count    forward passes the critical-sharpness line search
+                                           took
+lambda_dir         float64        1/η      directional sharpness ΔθᵀHΔθ/Δθᵀg of the same update
+                                           Δθ and loss: λ_critical's quadratic model
+                                           (sharpness.critical)
 hessian_batch_id   int64          count    frozen Hessian batch measured on: 0, then +1 at
                                            each redraw (new variant objective, e.g. pd stage;
                                            refresh_batch)
@@ -127,6 +136,12 @@ STEP_COLUMNS: tuple[Column, ...] = (
                                              "mini-batches B (g, H_B of the same B; train mode), Monte Carlo"),
     Column("batch_sharpness_n", _I, "count", "mini-batches the batch sharpness averaged (it stops at "
                                                    "sharpness.batch_sharpness_rse or _max_batches)"),
+    Column("lambda_critical", _F, "1/η", "critical sharpness 2/η_c (Kalra et al. 2026): η_c the smallest step "
+                                         "along the coming update at which the Hessian-batch loss rises, by "
+                                         "line search (sharpness.critical)"),
+    Column("critical_passes", _I, "count", "forward passes the critical-sharpness line search took"),
+    Column("lambda_dir", _F, "1/η", "directional sharpness ΔθᵀHΔθ/Δθᵀg of the same update Δθ and loss: "
+                                    "λ_critical's quadratic model (sharpness.critical)"),
     Column("hessian_batch_id", _I, "count", "frozen Hessian batch measured on: 0, then +1 at each redraw (new "
                                             "variant objective, e.g. pd stage; refresh_batch)"),
     Column("variant_stats", pa.string(), "JSON", "JSON object of the variant's own scalars"),
