@@ -5,7 +5,8 @@ Two layouts are understood:
 * a **study** ``results/<study>/``::
 
       steps/variant=<v>/trial=<trial_id>/part-*.parquet   per-step rows (trainers.run.steplog schema)
-      trials.parquet                                      one row per trial
+      trials.parquet                                      one row per trial (written when the study ends)
+      runs/<trial_id>/config.json, status.json            each trial's run folder
 
   ``trials.parquet`` must have the columns ``trial_id``, ``variant``, ``lr``,
   ``seed`` and ``status`` (:data:`trainers.run.rundir.STATUSES`);
@@ -13,6 +14,15 @@ Two layouts are understood:
   ``inception_score`` / ``kid`` and ``config`` (the RunConfig as JSON: which
   Adam preconditioner the run measured, :func:`analysis.metrics.opening_steps`)
   are used when present, and any other column is kept as it is.
+
+  The table is optional (:func:`study_trials`): a study still running, or
+  killed, has none or an old one.  Its rows are then completed from the run
+  folders (``config.json``: variant, lr, seed, optimizer, config;
+  ``status.json``: status, steps_done, final_loss, reason), and a run
+  folder's ``status.json`` newer than ``trials.parquet`` wins over the
+  table's row.  A trial known only from its ``steps/`` partition (no run
+  folder, or one without ``config.json`` yet) is ``running``, with variant,
+  lr and seed read from its name (:func:`trainers.run.rundir.trial_id`).
 
 * a **single run** (``eos train``): a run folder
   (:class:`trainers.run.rundir.RunDir`: ``config.json``, ``status.json``,
@@ -23,7 +33,11 @@ Two layouts are understood:
 Before reading, every trial's log is checked against the manifest its
 writer keeps (:func:`trainers.run.steplog.check_log`) and against its
 ``steps_done``: a missing or damaged chunk, or a missing step, is a
-:class:`StudyFormatError` that names it in one line.
+:class:`StudyFormatError` that names it in one line.  A ``running``
+(unfinished) trial is checked against its manifest only: its ``steps_done``
+becomes the steps its log holds, which may be more than its last
+``status.json`` says (written at checkpoints) or fewer than an older table
+says (a resume truncates the log back to its checkpoint).
 
 Either way the result is a :class:`Study`: ``steps`` has the step-log columns
 plus ``trial_id`` and ``variant``; ``trials`` has one row per trial.
@@ -31,7 +45,9 @@ plus ``trial_id`` and ``variant``; ``trials`` has one row per trial.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -53,6 +69,10 @@ ANALYSIS_COLUMNS: tuple[str, ...] = (
 )
 
 TRIAL_COLUMNS_REQUIRED: tuple[str, ...] = ("trial_id", "variant", "lr", "seed", "status")
+# the columns a run folder's status.json gives (and that replace a stale trials.parquet's)
+STATUS_COLUMNS: tuple[str, ...] = ("status", "steps_done", "final_loss", "reason")
+# trainers.run.rundir.trial_id(variant, lr, seed) read back
+TRIAL_ID = re.compile(r"^(?P<variant>.+)_lr(?P<lr>[^_]+)_s(?P<seed>-?\d+)$")
 
 
 class StudyFormatError(ValueError):
@@ -88,7 +108,14 @@ def _columns(columns: Optional[Sequence[str]]) -> list[str]:
 
 def is_study_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return (path / "trials.parquet").is_file() or any((path / "steps").glob("variant=*"))
+    return ((path / "trials.parquet").is_file() or (path / "study.json").is_file()
+            or any((path / "steps").glob("variant=*")))
+
+
+def is_unfinished(trials: pd.DataFrame) -> pd.Series:
+    """Per row of a trials table: the trial has not finished (``running``:
+    the study is still running it, or was interrupted)."""
+    return trials["status"] == RUNNING
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -183,16 +210,128 @@ def read_trials(study_dir: str | os.PathLike) -> pd.DataFrame:
     return trials
 
 
+def run_folder_trials(study_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per run folder ``runs/<trial_id>/`` that holds a ``config.json``:
+    identity from the config, status from ``status.json`` (``running``
+    without one), and ``status_mtime`` (ns; NaN without ``status.json``)."""
+    runs = Path(study_dir) / "runs"
+    rows = []
+    for folder in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
+        run = RunDir(folder)
+        try:
+            config = run.read_config()
+            status = run.read_status()
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StudyFormatError(f"{folder}: unreadable config.json or status.json ({err})") from None
+        if config is None:
+            continue
+        rows.append({**_config_columns(config, run.config_file), "trial_id": folder.name,
+                     **_status_columns(status),
+                     "status_mtime": run.status_file.stat().st_mtime_ns if status else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def _config_columns(config: dict, where: Path) -> dict:
+    try:
+        return {"variant": str(config["variant"]["name"]), "lr": float(config["optim"]["lr"]),
+                "seed": int(config["train"]["seed"]), "optimizer": config["optim"].get("name"),
+                "config": json.dumps(config, sort_keys=True)}
+    except (KeyError, TypeError, ValueError) as err:
+        raise StudyFormatError(f"{where}: not a RunConfig dict (missing {err})") from None
+
+
+def _status_columns(status) -> dict:
+    """``status.json`` as trials-table columns; a run without one is ``running``."""
+    if status is None:
+        return {"status": RUNNING, "steps_done": 0, "final_loss": float("nan"), "reason": None}
+    loss = status.final_loss
+    return {"status": status.status, "steps_done": status.steps_done,
+            "final_loss": float("nan") if loss is None else float(loss), "reason": status.reason}
+
+
+def steps_only_trials(steps: pd.DataFrame, known: set) -> pd.DataFrame:
+    """A ``running`` row for every trial of ``steps`` not in ``known``:
+    variant, lr and seed from its name (:data:`TRIAL_ID`; else the lr is
+    the largest it logged, the nominal lr under warm-up and decay, and the
+    seed is unknown)."""
+    rows = []
+    for (trial, variant), group in steps.groupby(["trial_id", "variant"], sort=True):
+        if trial in known:
+            continue
+        match = TRIAL_ID.match(trial)
+        try:
+            lr, seed = (float(match["lr"]), int(match["seed"])) if match else (math.nan, None)
+        except ValueError:
+            lr, seed = math.nan, None
+        if math.isnan(lr) and "lr" in group:
+            lr = float(group["lr"].max())
+        rows.append({"trial_id": trial, "variant": variant, "lr": lr, "seed": seed, "status": RUNNING,
+                     "steps_done": 0, "final_loss": float("nan"),
+                     "reason": "no run folder: known from its step log only"})
+    return pd.DataFrame(rows)
+
+
+def study_trials(study_dir: str | os.PathLike, steps: pd.DataFrame) -> pd.DataFrame:
+    """The trials table of a study, also while it runs: ``trials.parquet``
+    where it is current, each run folder's status where ``status.json`` is
+    newer than the table (or the table lacks the trial, or there is no
+    table), and a ``running`` row for a trial only ``steps`` knows."""
+    study_dir = Path(study_dir)
+    table_file = study_dir / "trials.parquet"
+    table = read_trials(study_dir) if table_file.is_file() else None
+    runs = run_folder_trials(study_dir)
+    if table is None:
+        trials = runs.drop(columns="status_mtime", errors="ignore")
+    else:
+        trials = table.set_index("trial_id", drop=False)
+        if len(runs):
+            runs = runs.set_index("trial_id", drop=False)
+            newer = runs.index[runs["status_mtime"] > table_file.stat().st_mtime_ns]
+            fresh = newer.intersection(trials.index)
+            for column in STATUS_COLUMNS if len(fresh) else ():
+                trials[column] = trials[column].astype(object) if column in trials else None
+                trials.loc[fresh, column] = runs.loc[fresh, column].astype(object)
+            trials = pd.concat([trials, runs.loc[runs.index.difference(trials.index)].drop(columns="status_mtime")])
+        trials = trials.reset_index(drop=True)
+    trials = pd.concat([trials, steps_only_trials(steps, set(trials.get("trial_id", ())))], ignore_index=True)
+    if trials.empty:
+        raise StudyFormatError(f"{study_dir}: no trials yet (no trials.parquet, no run folder with a config.json "
+                               "under runs/, no rows under steps/)")
+    trials["lr"] = trials["lr"].astype(float)
+    for column in ("steps_done", "final_loss"):
+        if column in trials and trials[column].dtype == object:
+            trials[column] = pd.to_numeric(trials[column])
+    return trials
+
+
+def with_logged_progress(trials: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """``trials`` whose unfinished rows have ``steps_done`` = the steps their
+    log holds (last logged step + 1; 0 without rows) and no ``final_loss``
+    (the metrics take the last logged loss)."""
+    unfinished = is_unfinished(trials)
+    if not unfinished.any():
+        return trials
+    logged = steps.groupby("trial_id")["step"].max() + 1 if len(steps) else pd.Series(dtype=float)
+    trials = trials.copy()
+    trials.loc[unfinished, "steps_done"] = trials.loc[unfinished, "trial_id"].map(logged).fillna(0).astype(int)
+    if "final_loss" in trials:
+        trials.loc[unfinished, "final_loss"] = math.nan
+    return trials
+
+
+def verify_finished(steps: pd.DataFrame, trials: pd.DataFrame, where: str) -> None:
+    """:func:`verify_steps_done` of the trials that are not unfinished."""
+    verify_steps_done(steps, trials[~is_unfinished(trials)], where)
+
+
 def load_study(study_dir: str | os.PathLike,
                columns: Optional[Sequence[str]] = ANALYSIS_COLUMNS) -> Study:
-    """A study folder (``steps/`` hive dataset + ``trials.parquet``)."""
+    """A study folder (``steps/`` hive dataset + the trials of :func:`study_trials`)."""
     study_dir = Path(study_dir)
-    trials = read_trials(study_dir)
     steps = read_study_steps(study_dir, columns)
-    unknown = sorted(set(steps["trial_id"]) - set(trials["trial_id"]))
-    if unknown:
-        raise StudyFormatError(f"{study_dir}/steps: trials {unknown[:5]} are not in trials.parquet")
-    verify_steps_done(steps, trials, f"{study_dir}/trials.parquet")
+    trials = with_logged_progress(study_trials(study_dir, steps), steps)
+    table = study_dir / "trials.parquet"
+    verify_finished(steps, trials, str(table if table.is_file() else study_dir / "runs"))
     return Study(name=study_dir.resolve().name, path=study_dir, kind="study", steps=steps, trials=trials)
 
 
@@ -234,5 +373,6 @@ def load_run(run_dir: str | os.PathLike,
         "reason": status.reason if status else None,
         "config": json.dumps(config, sort_keys=True),
     }])
-    verify_steps_done(steps, trials, str(run.status_file))
+    trials = with_logged_progress(trials, steps)
+    verify_finished(steps, trials, str(run.status_file))
     return Study(name=trial_id, path=run.path, kind="run", steps=steps, trials=trials)

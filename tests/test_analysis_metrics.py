@@ -249,9 +249,14 @@ def test_bad_folders_are_named(tmp_path):
     pd.DataFrame({"trial_id": ["x"], "variant": ["base"]}).to_parquet(path / "trials.parquet")
     with pytest.raises(StudyFormatError, match=r"missing columns \['lr', 'seed', 'status'\]"):
         load(path)
-    (path / "trials.parquet").unlink()
-    with pytest.raises(StudyFormatError, match="trials.parquet: missing"):
-        load(path)
+    (path / "trials.parquet").unlink()     # a study still running: its trials are read from steps/
+    row = load(path).trials.iloc[0]
+    assert (row["trial_id"], row["variant"], row["lr"], row["seed"], row["status"], row["steps_done"]) == \
+        ("base_lr0.001_s0", "base", 1e-3, 0, "running", 5)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "study.json").write_text("{}")
+    with pytest.raises(StudyFormatError, match="no trials yet"):
+        load(tmp_path / "new")
 
 
 # ---------------------------------------------------------------------------
