@@ -39,8 +39,10 @@ probe ran, i.e. ``ratio`` is not null, count):
   points (none when the ratio never drops below 1).
 * **diverged**: the trial's status is ``diverged`` or its loss became NaN/inf.
 * **final loss**: the trials table's ``final_loss`` (else the last finite
-  logged loss); **FID / IS / KID**: the trials table's value when it has the
-  column, else the last measured value in the step log.
+  logged loss, as for every unfinished trial:
+  :func:`analysis.load.with_logged_progress`); **FID / IS / KID**: the
+  trials table's value when it has the column, else the last measured value
+  in the step log.
 
 Aggregation over seeds (per variant × learning rate) reports, over the seeds
 where a metric is finite (a diverged seed's final loss is inf and so left out;
@@ -62,7 +64,7 @@ from scipy import stats
 
 from analysis.load import Study
 from trainers.config import PRECONDITIONED_OPTIMIZERS
-from trainers.run.rundir import COMPLETED, DIVERGED, ERROR
+from trainers.run.rundir import COMPLETED, DIVERGED, ERROR, RUNNING
 
 MAX_LEARNING_RATES = 8  # more distinct lrs (an Optuna search) are binned for the variant × lr tables
 
@@ -322,6 +324,7 @@ def aggregate_metrics(per_trial: pd.DataFrame, metrics: Sequence[str] = TRIAL_ME
             "n_probed": int((group["measured_steps"] > 0).sum()),   # trials with any λ₁ measurement
             "n_start_above": int(group["start_above"].sum()),       # ratio never below 1
             "n_error": int((group["status"] == ERROR).sum()),       # trials that failed (no result)
+            "n_unfinished": int((group["status"] == RUNNING).sum()),  # still running or interrupted
         }
         for name in metrics:
             mean, lo, hi, n = mean_band(group[name], confidence)

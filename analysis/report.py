@@ -10,6 +10,13 @@
 and prints the summary table.  Sample-quality metrics are optional: without
 any FID value the report says so and builds the rest.
 
+A study still running (or interrupted) reports too: its trials come from
+the run folders and the step dataset (:func:`analysis.load.study_trials`),
+and its unfinished trials are marked (:func:`partial_banner` at the top of
+both documents and on every figure, their status as ``running (step 37 of
+300)`` in the trials table, an ``unfinished`` count in the summary table,
+the list of them in a note); their metrics are those of the steps logged so far.
+
 Both documents are Jinja2 templates shipped with the package
 (``analysis/templates/report.html.j2`` and ``summary.md.j2``) rendered from
 one context (:func:`report_context`); pandas renders the tables (the
@@ -31,9 +38,9 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from analysis import metrics as M
 from analysis import plots as P
-from analysis.load import Study, load
+from analysis.load import Study, is_unfinished, load
 from analysis.tables import html_table, markdown_table
-from trainers.run.rundir import STATUS_MEANINGS, STATUSES
+from trainers.run.rundir import RUNNING, STATUS_MEANINGS, STATUSES
 
 FIGURE_CAPTIONS = {
     "lambda": "λ₁ against the step, one panel per variant; the dashed line of each colour is that "
@@ -115,6 +122,14 @@ def _binning_note(tables: StudyTables) -> Optional[str]:
             "bin's geometric centre. The trials table lists each trial's exact lr.")
 
 
+def mark_partial(fig, text: str) -> None:
+    """``text`` in red along the bottom of ``fig``, in a strip the
+    constrained layout leaves free for it."""
+    strip = 0.25 / fig.get_figheight()      # inches → figure fraction
+    fig.get_layout_engine().set(rect=(0, strip, 1, 1 - strip))
+    fig.text(0.005, 0.2 * strip, text, ha="left", va="bottom", fontsize=8, color="firebrick")
+
+
 def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
                  progress: bool = False) -> dict[str, P.FigurePaths]:
     """Every figure the data supports, saved under ``out_dir``."""
@@ -136,10 +151,13 @@ def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
         "critical": (lambda: P.plot_critical(M.critical_curves(study), optimizers)) if M.has_critical(study) else None,
     }
     out = {}
+    partial = figure_marker(study)
     for name, make in makers.items():
         fig = make() if make else None
         if fig is None:
             continue
+        if partial:
+            mark_partial(fig, partial)
         out[name] = P.save_figure(fig, out_dir, name)
         if progress:
             print(f"  figure {out[name].png}", flush=True)
@@ -184,6 +202,7 @@ def in_lr_order(frame: pd.DataFrame) -> pd.DataFrame:
 def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
     """The aggregate table formatted for reading (strings), one row per variant × lr."""
     has_fid = "fid_n" in aggregate and aggregate["fid_n"].sum() > 0
+    has_unfinished = "n_unfinished" in aggregate and aggregate["n_unfinished"].sum() > 0
     has_errors = "n_error" in aggregate and aggregate["n_error"].sum() > 0
     rows = []
     for _, r in in_lr_order(aggregate).iterrows():
@@ -208,6 +227,8 @@ def summary_table(aggregate: pd.DataFrame) -> pd.DataFrame:
         }
         if has_errors:
             row["errors"] = f"{errors}/{int(r['n_trials'])}"
+        if has_unfinished:
+            row["unfinished"] = f"{int(r['n_unfinished'])}/{int(r['n_trials'])}"
         if has_fid:
             row["FID"] = _with_band(r, "fid")
             row["IS"] = _with_band(r, "inception_score")
@@ -236,6 +257,8 @@ def per_trial_table(per_trial: pd.DataFrame) -> pd.DataFrame:
     if "lr_exact" in per_trial:
         per_trial = per_trial.assign(lr=per_trial["lr_exact"])
     per_trial = in_lr_order(per_trial)
+    if "status" in per_trial and is_unfinished(per_trial).any():
+        per_trial = per_trial.assign(status=[status_text(r) for r in per_trial.to_dict("records")])
     if "reason" in per_trial and per_trial["reason"].notna().any():   # why a trial diverged, stopped or failed
         cols = {**cols, "reason": "reason"}
     table = per_trial[[c for c in cols if c in per_trial]].rename(columns=cols).copy()
@@ -299,6 +322,55 @@ def error_note(per_trial: pd.DataFrame) -> Optional[str]:
     return "\n".join(lines)
 
 
+def planned_steps(row: dict) -> Optional[int]:
+    """``train.steps`` of a trials-table row's config, or None."""
+    try:
+        return int(M.trial_config(row)["train"]["steps"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def status_text(row: dict) -> str:
+    """The status of a trials-table row for reading: an unfinished trial's
+    with its progress, ``running (step 37 of 300)``."""
+    if row["status"] != RUNNING:
+        return str(row["status"])
+    done, total = row.get("steps_done"), planned_steps(row)
+    if done is None or pd.isna(done):
+        return RUNNING
+    return f"{RUNNING} (step {int(done)}" + (f" of {total})" if total else ")")
+
+
+def partial_banner(study: Study) -> Optional[str]:
+    """One line saying how many trials are unfinished, None when none is."""
+    n = int(is_unfinished(study.trials).sum())
+    if not n:
+        return None
+    what = "run" if study.kind == "run" else "study"
+    return (f"{n} of {len(study.trials)} trial{'s' if len(study.trials) > 1 else ''} unfinished: the {what} is "
+            f"still running or was interrupted; numbers for {'them' if n > 1 else 'it'} are partial")
+
+
+def figure_marker(study: Study) -> Optional[str]:
+    """The mark on every figure of a partial study (None when every trial has finished)."""
+    n = int(is_unfinished(study.trials).sum())
+    return f"partial: {n} of {len(study.trials)} trials unfinished, curves up to their last logged step" if n else None
+
+
+def unfinished_note(per_trial: pd.DataFrame, most: int = 20) -> Optional[str]:
+    """The unfinished trials with their progress (at most ``most`` named)."""
+    if "status" not in per_trial:
+        return None
+    unfinished = in_lr_order(per_trial[is_unfinished(per_trial)])
+    if unfinished.empty:
+        return None
+    lines = [f"{len(unfinished)} trial(s) unfinished (their metrics are from the steps logged so far):"]
+    lines += [f"- {r['trial_id']}: {status_text(r)}" for r in unfinished.head(most).to_dict("records")]
+    if len(unfinished) > most:
+        lines.append(f"- … and {len(unfinished) - most} more (per_trial.csv lists every trial)")
+    return "\n".join(lines)
+
+
 def _status_counts(trials: pd.DataFrame) -> str:
     counts = trials["status"].value_counts()
     return ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -327,11 +399,13 @@ def report_context(study: Study, tables: StudyTables, figures: dict[str, P.Figur
     the largest-stable-lr section (:func:`analysis.boundary.report_section`), if any."""
     return {
         "title": f"Edge-of-stability report — {study.name}",
+        "banner": partial_banner(study),
         "study": {"name": study.name, "path": str(study.path), "n_trials": len(study.trials),
                   "statuses": _status_counts(study.trials), "variants": list(study.variants),
                   "lrs": [P.format_lr(lr) for lr in P.lr_order(study.lrs)]},
         "summary": summary_table(tables.aggregate),
-        "notes": [text for text in (error_note(tables.per_trial), _binning_note(tables), note) if text],
+        "notes": [text for text in (unfinished_note(tables.per_trial), error_note(tables.per_trial),
+                                    _binning_note(tables), note) if text],
         "figures": [{"name": name, "caption": FIGURE_CAPTIONS.get(name, name),
                      "png": paths.png.relative_to(out_dir).as_posix(),
                      "svg": paths.svg.relative_to(out_dir).as_posix(),
@@ -378,11 +452,13 @@ def build_report(study_dir: str | os.PathLike, out_dir: Optional[str | os.PathLi
     if boundary is not None:
         paths.figures["boundary"] = boundary.figure
     if not quiet:
+        if context["banner"]:
+            print(context["banner"])
         with pd.option_context("display.width", 200, "display.max_columns", None):
             print(summary_table(tables.aggregate).to_string(index=False))
             if boundary is not None:  # boundary hook
                 print(boundary.display.to_string(index=False))
-        for text in (error_note(tables.per_trial), note):
+        for text in (unfinished_note(tables.per_trial), error_note(tables.per_trial), note):
             if text:
                 print(text)
         print(f"report: {paths.html}\nsummary: {paths.markdown}")
