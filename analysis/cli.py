@@ -69,8 +69,11 @@ def register(subparsers) -> None:
         "report", help="HTML report and Markdown summary of a study or run folder",
         description="Load results/<study> (or a single run folder), compute the edge-of-stability metrics "
                     "per trial and per variant × learning rate, and write report.html (self-contained), "
-                    "summary.md, CSV tables and PNG/SVG figures.")
-    p.add_argument("study_dir", help="study folder (steps/, trials.parquet) or run folder (config.json, steps/)")
+                    "summary.md, CSV tables and PNG/SVG figures. Works while a study runs or after it was "
+                    "interrupted: trials come from the run folders where trials.parquet is missing or older, "
+                    "and unfinished trials are marked.")
+    p.add_argument("study_dir", help="study folder (steps/, runs/, trials.parquet if it ended) or run folder "
+                                     "(config.json, steps/)")
     p.add_argument("--out", default=None, help="output folder (default: STUDY_DIR/report)")
     p.add_argument("--quiet", action="store_true", help="do not print progress and the summary table")
     p.set_defaults(func=_report)
