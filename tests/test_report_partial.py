@@ -83,7 +83,7 @@ def test_without_trials_parquet_every_trial_gets_its_run_folders_status(tmp_path
     expect = {**{t.trial_id: (t.status, t.steps_done) for t in done},
               ckpt.trial_id: ("running", 57), killed.trial_id: ("running", 12), orphan.trial_id: ("running", 30)}
     assert {i: (r["status"], r["steps_done"]) for i, r in per_trial.iterrows()} == expect
-    assert per_trial.loc[orphan.trial_id, ["variant", "lr", "seed"]].tolist() == ["edm", 1e-4, 0 + 1]
+    assert per_trial.loc[orphan.trial_id, ["variant", "lr", "seed"]].tolist() == ["edm", 1e-4, 1]
     assert " >diverged</td>" in _html_row(html, done[2].trial_id)
     assert " >running (step 57 of 120)</td>" in _html_row(html, ckpt.trial_id)
     assert " >running (step 12 of 120)</td>" in _html_row(html, killed.trial_id)
@@ -186,3 +186,35 @@ def test_a_complete_study_reads_the_same_with_or_without_its_trials_table(tmp_pa
     assert md2 == md
     cols = ["variant", "lr", "seed", "status", "steps_done", "onset_step", "final_loss"]
     pd.testing.assert_frame_equal(per_trial2.sort_index()[cols], per_trial.sort_index()[cols])
+
+
+def test_a_trial_named_otherwise_is_drawn_at_the_largest_lr_it_logged(tmp_path):
+    from analysis.load import load
+
+    t = SyntheticTrial("base", 2e-4, 3, steps=20, onset=10)
+    rows = t.rows()
+    for r in rows:
+        r["lr"] = t.lr * min(1.0, (r["step"] + 1) / 5)          # warm-up: the logged lr rises to 2e-4
+    write_steps(tmp_path / "s" / "steps" / "variant=base" / "trial=00017", rows)
+    row = load(tmp_path / "s").trials.iloc[0]
+    assert (row["trial_id"], row["variant"], row["lr"], row["status"], row["steps_done"]) == \
+        ("00017", "base", 2e-4, "running", 20)
+    assert row["seed"] is None
+
+
+def test_a_single_run_between_checkpoints_is_marked(tmp_path, capsys, monkeypatch):
+    from analysis_fixtures import write_run
+    from trainers.run.rundir import RunDir
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    t = SyntheticTrial("base", 1e-3, 0, steps=120, onset=40)
+    run = write_run(tmp_path / "r", t)
+    RunDir(run).write_status(RunStatus("running", 50, t.loss_at(49), None, 1.0))
+    StepLog(run / "steps").truncate_after(56)                     # 57 steps logged, checkpoint at 50
+    code, out, err = _report(run, capsys)
+    assert (code, err) == (0, [])
+    md, html, per_trial = _docs(run)
+    assert md.splitlines()[2] == ("**1 of 1 trial unfinished: the run is still running or was interrupted; "
+                                  "numbers for it are partial**")
+    assert " >running (step 57 of 120)</td>" in _html_row(html, "r")
+    assert per_trial.loc["r", "steps_done"] == 57 and np.isclose(per_trial.loc["r", "final_loss"], t.loss_at(56))
