@@ -13,9 +13,10 @@ any FID value the report says so and builds the rest.
 A study still running (or interrupted) reports too: its trials come from
 the run folders and the step dataset (:func:`analysis.load.study_trials`),
 and its unfinished trials are marked (:func:`partial_banner` at the top of
-both documents and on every figure, their status as ``running (step 37 of
-300)`` in the trials table, an ``unfinished`` count in the summary table,
-the list of them in a note); their metrics are those of the steps logged so far.
+both documents, :func:`figure_marker` on every figure, their status as
+``running (step 37 of 300)`` in the trials table, an ``unfinished`` count in
+the summary table, the list of them in a note); their metrics are those of
+the steps logged so far.
 
 Both documents are Jinja2 templates shipped with the package
 (``analysis/templates/report.html.j2`` and ``summary.md.j2``) rendered from
