@@ -218,13 +218,14 @@ def run_folder_trials(study_dir: str | os.PathLike) -> pd.DataFrame:
     rows = []
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
         run = RunDir(folder)
+        if not run.is_run():
+            continue
         try:
             config = run.read_config()
             status = run.read_status()
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise StudyFormatError(f"{folder}: unreadable config.json or status.json ({err})") from None
-        if config is None:
-            continue
+            raise StudyFormatError(f"{folder}: unreadable config.json or status.json ({type(err).__name__}: "
+                                   f"{err})") from None
         rows.append({**_config_columns(config, run.config_file), "trial_id": folder.name,
                      **_status_columns(status),
                      "status_mtime": run.status_file.stat().st_mtime_ns if status else float("nan")})
