@@ -225,6 +225,11 @@ class SharpnessConfig:
     # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
     # thousands; trainers.curvature.hessian); no effect on the CPU or with other hvp methods
     cuda_graphs: bool = True
+    # count the eigenvalues of the measured operator (the one in ratio) above above_fraction × threshold
+    # (0.75: centralflows' 1.5/η under GD), growing the solver's wanted columns while the smallest is still
+    # above, at most above_cap (n_above, n_above_capped, above_values); 0: off
+    above_fraction: float = 0.75
+    above_cap: int = 8
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")
@@ -247,6 +252,10 @@ class SharpnessConfig:
         _choice(self.solver, SOLVERS, "sharpness.solver")
         _choice(self.explore, EXPLORATIONS, "sharpness.explore")
         _check(self.verify_every >= 0, "sharpness.verify_every", f"must be >= 0; got {self.verify_every}")
+        _check(self.above_fraction >= 0 and math.isfinite(self.above_fraction), "sharpness.above_fraction",
+               f"must be >= 0 (0: off); got {self.above_fraction}")
+        _check(self.above_cap >= self.topk, "sharpness.above_cap",
+               f"must be >= topk={self.topk}; got {self.above_cap}")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

@@ -43,6 +43,12 @@ eig_error          string         —        why a probed step has no curvature:
 eig_check          float64        1        |λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate
                                            was checked with float32 products at this step
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
+n_above            int64          count    eigenvalues of the operator in ``ratio`` above
+                                           sharpness.above_fraction × threshold, each converged
+                                           to the solver's tolerance (at most
+                                           sharpness.above_cap)
+n_above_capped     bool           —        n_above reached sharpness.above_cap: a lower bound
+above_values       list<float64>  1/η      the n_above eigenvalues above the cut, descending
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
 step_sharpness     float64        loss/θ²  gᵀH_Bg/‖g‖² on the step's own training batch B,
                                            train mode
@@ -121,6 +127,10 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("eig_check", _F, "1", "|λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate was checked with float32 "
                                  "products at this step"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
+    Column("n_above", _I, "count", "eigenvalues of the operator in ``ratio`` above sharpness.above_fraction × "
+                                   "threshold, each converged to the solver's tolerance (at most sharpness.above_cap)"),
+    Column("n_above_capped", pa.bool_(), "—", "n_above reached sharpness.above_cap: a lower bound"),
+    Column("above_values", pa.list_(_F), "1/η", "the n_above eigenvalues above the cut, descending"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
     Column("step_sharpness", _F, "loss/θ²", "gᵀH_Bg/‖g‖² on the step's own training batch B, train mode"),
     Column("batch_sharpness", _F, "loss/θ²", "batch sharpness: mean of gᵀH_Bg/‖g‖² over fresh training "
