@@ -48,6 +48,7 @@ from trainers.run.steplog import SCHEMA, StepLogError, check_log, steps_text
 ANALYSIS_COLUMNS: tuple[str, ...] = (
     "step", "wall_time", "loss", "lr", "grad_norm", "lambda_max", "lambda_precond",
     "threshold", "ratio", "eig_residual", "eig_converged", "hessian_trace", "batch_sharpness",
+    "n_above", "n_above_capped",
     "fid", "inception_score", "kid",
 )
 
