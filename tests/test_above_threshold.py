@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from curvature_fixtures import (MLP, Quadratic, dense_gradient, dense_hessian, randomize, symmetric_with_spectrum,
-                                unet_blocks_problem)
+from curvature_fixtures import (MLP, Quadratic, TinyUNetLike, dense_gradient, dense_hessian, randomize,
+                                symmetric_with_spectrum, unet_blocks_problem)
 from trainers.config import ConfigError, OptimConfig, SharpnessConfig
 from trainers.curvature.probe import SharpnessProbe
 from trainers.run.optimizers import build_optimizer
@@ -75,6 +75,23 @@ def test_gd_count_on_unet_blocks_matches_the_dense_hessian():
     assert cols["n_above"] == 3 and not cols["n_above_capped"]
     np.testing.assert_allclose(cols["above_values"], lam[:3].numpy(), rtol=1e-6)
     assert cols["eig_converged"]
+
+
+def _unet_blocks_batch(model, loss):
+    """The batch of :func:`unet_blocks_problem`, drawn again as it draws it
+    (checked: the same loss)."""
+    torch.manual_seed(2)
+    TinyUNetLike()   # its initialisation draws from the global generator before the batch
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t = torch.tensor([10.0, 300.0, 900.0], dtype=torch.float64)
+    eps = torch.randn_like(x)
+    with torch.no_grad():
+        assert float(((model(x, t) - eps) ** 2).mean()) == float(loss()), "the fixture's batch was not rebuilt"
+    return x, t, eps
+
+
+def test_the_fixture_batch_is_rebuilt():
+    _unet_blocks_batch(*unet_blocks_problem())
 
 
 def test_adam_count_is_of_the_preconditioned_operator():
@@ -194,3 +211,25 @@ def test_state_dict_carries_the_count():
 def test_bad_settings_are_one_line_errors(fields, message):
     with pytest.raises(ConfigError, match=message):
         SharpnessConfig(**fields)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the TF32 search and CUDA graphs need a GPU")
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_tf32_search_counts_float32_checked_values_on_cuda(cuda_graphs):
+    """On a GPU (TF32 search, float32 check of every counted column) the count
+    and values on the U-Net-block net in float32 match the float64 dense Hessian."""
+    import copy
+
+    model, loss = unet_blocks_problem()
+    lam = torch.linalg.eigvalsh(dense_hessian(model, loss)).flip(0)
+    cut = float(lam[2] + lam[3]) / 2
+    lr = 2 / (cut / 0.75)
+    x, t, eps = _unet_blocks_batch(model, loss)
+    gpu = copy.deepcopy(model).float().cuda()
+    x, t, eps = x.float().cuda(), t.float().cuda(), eps.float().cuda()
+    ocfg = OptimConfig(name="gd", lr=lr)
+    probe = SharpnessProbe(SharpnessConfig(tol=1e-3, cuda_graphs=cuda_graphs, search_precision="tf32"), ocfg)
+    for i in range(3):   # cold, then warm track solves (float32-checked every probe: verify_every 1)
+        cols = probe.measure(gpu, lambda: ((gpu(x, t) - eps) ** 2).mean(), None, lr)
+        assert cols["n_above"] == 3 and (i == 0 or cols["eig_check"] is not None)
+        np.testing.assert_allclose(cols["above_values"], lam[:3].numpy(), rtol=1e-3)
