@@ -186,15 +186,16 @@ class SharpnessProbe:
         converged, solves again with one more, warm from this probe's vectors.
         ``above``: the eigenvalues above ``cut`` (:func:`certified_above`;
         None without ``cut``).  The result's products and iterations are those
-        of all the solves; ``check`` is the last solve's."""
+        of all the solves; ``check`` is the last one that was checked."""
         if cut is None:
             return (*self._solve_once(key, operator, self.cfg.topk, transport, seed), None)
         cap = min(self.cfg.above_cap, operator.n)
         wanted = max(self.cfg.topk, min(self.counted.get(key, 0) + 1, cap))
         products = iterations = fast = 0
-        regrow = False
+        regrow, check = False, None
         while True:
-            res, check = self._solve_once(key, operator, wanted, None if regrow else transport, seed, regrow=regrow)
+            res, c = self._solve_once(key, operator, wanted, None if regrow else transport, seed, regrow=regrow)
+            check = c if c is not None else check
             products, iterations = products + res.products, iterations + res.iterations
             fast += res.fast_products
             above = certified_above(res, wanted, cut, self.cfg.tol)
