@@ -191,6 +191,30 @@ def test_warm_probes_follow_the_true_count(kind, cap):
     assert len(set(trues)) >= 2 and (cap > 4 or 4 in trues)   # the count changes; the cap is reached
 
 
+def test_warm_counting_cost(capsys):
+    """Products per warm probe of the "staggered" quadratic with the count on
+    and off (bench/RESULTS.md quotes the printed line): on, the grown block
+    stays warm and costs a few products per counted eigenvalue; off, the
+    λ₁ solve alone."""
+    n, lr = 300, 0.1
+    hvps = {}
+    for fraction in (0.75, 0.0):
+        model = _Moving(torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+        probe = SharpnessProbe(SharpnessConfig(above_fraction=fraction), OptimConfig(name="gd", lr=lr))
+        rows = []
+        for A in _moving_spectra("staggered", 30, n):
+            model.A = A
+            rows.append(probe.measure(model, model.loss, None, lr))
+        hvps[fraction] = np.array([r["eig_hvps"] for r in rows[1:]])
+        if fraction:
+            counts = np.array([r["n_above"] for r in rows[1:]])
+    with capsys.disabled():
+        print(f"\nstaggered quadratic, 29 warm probes: products per probe {hvps[0.75].mean():.1f} counting "
+              f"(mean count {counts.mean():.1f}) vs {hvps[0.0].mean():.1f} without")
+    assert hvps[0.0].mean() <= 4   # the track solver's Rayleigh–Ritz step, rarely more
+    assert hvps[0.75].mean() <= 4 * hvps[0.0].mean()
+
+
 def test_state_dict_carries_the_count():
     model, loss, _ = _quadratic(SPECTRUM, seed=3)
     ocfg = OptimConfig(name="gd", lr=LR)
