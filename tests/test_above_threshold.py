@@ -116,6 +116,10 @@ def test_adam_count_is_of_the_preconditioned_operator():
     cut = float(lam[1] + lam[2]) / 2
     threshold = cut / 0.75
     lr = (2 + 2 * 0.9) / ((1 - 0.9) * threshold)
+    fresh = build_optimizer(ocfg, model.parameters())   # no state yet: no P⁻¹H, no ratio, nothing counted
+    before = SharpnessProbe(SharpnessConfig(adam_preconditioner="init2winit", above_fraction=1e-9), ocfg)
+    cols = before.measure(model, loss, fresh, lr)
+    assert cols["ratio"] is None and cols["lambda_max"] > 0 and cols["n_above"] is None
     probe = SharpnessProbe(SharpnessConfig(adam_preconditioner="init2winit", **TIGHT), ocfg)
     cols = probe.measure(model, loss, opt, lr)
     assert cols["n_above"] == 2

@@ -333,7 +333,7 @@ class SharpnessProbe:
                     cols["ratio"] = cols["lambda_precond"] / threshold
             if not self.preconditioned or self.cfg.plain_lambda or main is None:
                 plain, plain_check, plain_above = self._solve("plain", H, seed=gradient_seed,
-                                                              cut=cut if main is None else None)
+                                                              cut=None if self.preconditioned else cut)
                 cols["lambda_max"] = float(plain.eigenvalues[0])
                 if not self.preconditioned:
                     cols["ratio"] = cols["lambda_max"] / threshold
