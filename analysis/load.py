@@ -65,6 +65,7 @@ ANALYSIS_COLUMNS: tuple[str, ...] = (
     "step", "wall_time", "loss", "lr", "grad_norm", "lambda_max", "lambda_precond",
     "threshold", "ratio", "eig_residual", "eig_converged", "hessian_trace", "batch_sharpness",
     "lambda_critical", "critical_passes", "lambda_dir",
+    "n_above", "n_above_capped",
     "fid", "inception_score", "kid",
 )
 

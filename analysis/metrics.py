@@ -352,12 +352,14 @@ def with_step_ratio(steps: pd.DataFrame, optimizer_of: pd.Series) -> pd.DataFram
     return out
 
 
-def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "threshold", "step_ratio"),
+def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "threshold", "step_ratio", "n_above",
+                                                   "n_above_capped"),
            confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Per variant × lr × step: mean and band over seeds of each column
     (``<c>_mean``, ``<c>_lo``, ``<c>_hi``, ``<c>_n``), from the finite values
     at that step.  ``lambda`` is ratio × threshold; ``step_ratio`` is
-    :func:`with_step_ratio` (all-NaN without batch sharpness)."""
+    :func:`with_step_ratio` (all-NaN without batch sharpness); a column the
+    steps do not hold (``n_above`` when not loaded) is left out."""
     lr_of = study.trials.set_index("trial_id")["lr"]
     steps = with_lambda(study.steps)
     if "step_ratio" in columns:
@@ -367,6 +369,7 @@ def curves(study: Study, columns: Sequence[str] = ("ratio", "lambda", "loss", "t
     steps["lr"] = steps["trial_id"].map(lr_of)   # the trial's nominal lr (warm-up changes the logged one)
     keys = ["variant", "lr", "step"]
     parts = []
+    columns = [c for c in columns if c in steps]
     for col in columns:
         values = steps[keys + [col]].copy()
         values[col] = values[col].astype(float).where(np.isfinite(values[col].astype(float)))

@@ -263,6 +263,40 @@ def plot_ratio(curves: pd.DataFrame, title: str = "", column: str = "ratio", yla
     return fig
 
 
+def plot_above(curves: pd.DataFrame, title: str = "") -> Figure:
+    """How many eigenvalues sit above the cut (``n_above``: above
+    ``sharpness.above_fraction`` × threshold) against the step, one panel per
+    variant, one colour per learning rate (mean over seeds, band); a triangle
+    marks the steps where some seed hit ``sharpness.above_cap`` (a lower bound)."""
+    variants = sorted(curves["variant"].unique())
+    lrs = lr_order(curves["lr"].unique())
+    palette = _lr_palette(lrs)
+    with sns.axes_style(STYLE), sns.plotting_context(CONTEXT):
+        nrows, ncols = _facets(len(variants))
+        fig, axes = _figure(nrows, ncols, sharex=True, sharey=True)
+        for ax, variant in zip(axes.flat, variants):
+            for lr in lrs:
+                c = thin(curves[(curves["variant"] == variant) & (curves["lr"] == lr)].dropna(subset=["n_above_mean"]))
+                if c.empty:
+                    continue
+                _band(ax, c["step"], c["n_above_mean"], c["n_above_lo"].clip(lower=0), c["n_above_hi"], palette[lr],
+                      linewidth=1.3)
+                if "n_above_capped_mean" in c:
+                    capped = c[c["n_above_capped_mean"] > 0]
+                    ax.plot(capped["step"], capped["n_above_mean"], "^", color=palette[lr], markersize=4)
+            ax.set_title(variant)
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("eigenvalues above the cut")
+        _hide_unused(axes, len(variants))
+        handles = [Line2D([], [], color=palette[lr], label=lr_label(lr)) for lr in lrs]
+        handles.append(Line2D([], [], color="0.3", marker="^", linestyle="none", label="capped (≥)"))
+        fig.legend(handles=handles, loc="outside right center", title="learning rate")
+        fig.suptitle(title or "Eigenvalues above above_fraction × threshold (mean over seeds, 95% CI)")
+    return fig
+
+
 def plot_loss(curves: pd.DataFrame, window: Optional[int] = None, title: str = "") -> Figure:
     """Training loss vs step, one panel per variant, one colour per lr; each
     seed-mean curve is smoothed by a centred rolling mean over ``window``

@@ -51,6 +51,9 @@ FIGURE_CAPTIONS = {
     "step_ratio": "Curvature along the gradient step, gᵀHg/‖g‖² (batch sharpness), over the threshold, for GD "
                   "and momentum trials (log scale): under GD it can sit at the threshold while λ₁ is above it "
                   "(docs/results.md).",
+    "above": "How many eigenvalues of the operator in the ratio sit above `sharpness.above_fraction` × threshold "
+             "(default 0.75: 1.5/η under GD), one panel per variant; a triangle: some seed hit "
+             "`sharpness.above_cap`, the count is a lower bound there.",
     "loss": "Training loss, one panel per variant.",
     "heatmaps": "Mean EoS onset step and fraction of diverged seeds over variant × learning rate.",
     "fid": "Final FID of EMA samples against the learning rate.",
@@ -139,6 +142,7 @@ def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
     has_ratio = "ratio_n" in c and c["ratio_n"].sum() > 0
     has_loss = "loss_n" in c and c["loss_n"].sum() > 0
     has_step = "step_ratio_n" in c and c["step_ratio_n"].sum() > 0
+    has_above = "n_above_n" in c and c["n_above_n"].sum() > 0
     makers = {
         "lambda": (lambda: P.plot_lambda(c, optimizers)) if has_ratio else None,
         "ratio": (lambda: P.plot_ratio(c)) if has_ratio else None,
@@ -146,6 +150,7 @@ def draw_figures(study: Study, tables: StudyTables, out_dir: str | os.PathLike,
             c, column="step_ratio", ylabel="gᵀHg/‖g‖² / threshold",
             title="Step curvature gᵀHg/‖g‖² / threshold (mean, 95% CI)"))
         if has_step else None,
+        "above": (lambda: P.plot_above(c)) if has_above else None,
         "loss": (lambda: P.plot_loss(c)) if has_loss else None,
         "heatmaps": (lambda: P.plot_heatmaps(agg)) if len(agg) else None,
         "fid": (lambda: P.plot_fid(agg)) if len(agg) else None,

@@ -12,7 +12,9 @@ each segment left out: the cold solve and the CUDA-graph captures), their
 ratio to a plain step, and Hessian-vector products per probe.  The settings:
 
 * ``precond``: λ₁(P⁻¹H) only (``sharpness.plain_lambda: false``), the defaults otherwise;
-* ``both``: λ₁(P⁻¹H) and λ₁(H), the defaults users get;
+* ``both``: λ₁(P⁻¹H) and λ₁(H), the defaults users get (eigenvalues above
+  0.75 × threshold counted: ``sharpness.above_fraction``);
+* ``uncounted``: both, without the count (``sharpness.above_fraction: 0``);
 * ``lobpcg``: both, with the previous warm solver (``sharpness.solver: lobpcg``:
   LOBPCG from the last vectors, every answer checked with float32 products).
 
@@ -46,6 +48,7 @@ SETTINGS = {
     "precond": {"plain_lambda": False},
     "both": {},
     "lobpcg": {"solver": "lobpcg"},
+    "uncounted": {"above_fraction": 0.0},
 }
 
 
@@ -146,6 +149,7 @@ class Segment:
     errors: dict = field(default_factory=lambda: {"lambda_max": [], "lambda_precond": []})
     residuals: list = field(default_factory=list)
     checks: list = field(default_factory=list)
+    above: list = field(default_factory=list)   # n_above per probe (None: not counted)
 
 
 def timed_step(pb: Problem, probe=None, check: bool = False, seg: Segment = None):
@@ -160,6 +164,7 @@ def timed_step(pb: Problem, probe=None, check: bool = False, seg: Segment = None
         seg.step_s.append(dt)
         if cols is not None:
             seg.residuals.append(cols["eig_residual"])
+            seg.above.append(cols.get("n_above"))
             if cols.get("eig_check") is not None:
                 seg.checks.append(cols["eig_check"])
         if ref is not None:
@@ -218,9 +223,9 @@ def main(argv=None) -> dict:
     print(f"# {args.steps} steps per segment, medians of steps >= {args.skip}; overrides: {args.set or 'none'}")
     print()
     print("| setting | step ms | × plain step | products per probe | λ₁(P⁻¹H) err: median / max / ≤1e-3 "
-          "| λ₁(H) err: median / max / ≤1e-3 | residual median | TF32 check median |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — |", flush=True)
+          "| λ₁(H) err: median / max / ≤1e-3 | residual median | TF32 check median | n_above mean / max |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — | — |", flush=True)
     summary = {"plain_ms": base * 1e3, "settings": {}}
     for name in names:   # each setting's row is printed as soon as it is measured
         run_cfg = run_config(merge(cfg.to_dict(), {"sharpness": SETTINGS[name]}))
@@ -244,11 +249,13 @@ def main(argv=None) -> dict:
         eh, wh = err("lambda_max")
         res = med([r for r in seg.residuals[args.skip:] if r is not None])
         chk = f"{med(seg.checks):.1e}" if seg.checks else "—"
-        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} | {ep} | {eh} | {res:.1e} | {chk} |",
-              flush=True)
+        counted = [a for a in seg.above[args.skip:] if a is not None]
+        above = f"{statistics.fmean(counted):.1f} / {max(counted)}" if counted else "—"
+        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} | {ep} | {eh} | {res:.1e} | {chk} "
+              f"| {above} |", flush=True)
         summary["settings"][seg.name] = {"step_ms": t * 1e3, "ratio": t / base, "products": prods,
                                          "within_precond": wp, "within_plain": wh,
-                                         "errors": seg.errors, "residual": res}
+                                         "errors": seg.errors, "residual": res, "n_above": counted}
     return summary
 
 

@@ -44,6 +44,22 @@ def test_each_figure_written_with_labels(tables, tmp_path):
         _check_written(plots.save_figure(fig, tmp_path, name), texts)
 
 
+def test_count_above_the_cut_figure(tmp_path):
+    steps = np.arange(40)
+    rows = []
+    for variant in ("base", "edm"):
+        for lr in (1e-3, 1e-4):
+            mean = np.minimum(steps // 8, 4).astype(float)
+            rows.append(pd.DataFrame({"variant": variant, "lr": lr, "step": steps, "n_above_mean": mean,
+                                      "n_above_lo": mean - 0.5, "n_above_hi": mean + 0.5, "n_above_n": 2,
+                                      "n_above_capped_mean": (mean >= 4).astype(float)}))
+    fig = plots.plot_above(pd.concat(rows, ignore_index=True))
+    _check_written(plots.save_figure(fig, tmp_path, "above"),
+                   ["eigenvalues above the cut", "capped (≥)", "edm", "η = 1e-4"])
+    marks = [l for ax in fig.axes for l in ax.lines if l.get_marker() == "^"]
+    assert marks and all(np.all(np.asarray(l.get_ydata()) == 4) for l in marks)   # only the capped steps
+
+
 def test_fid_plot_skipped_without_fid(tables):
     _, agg, _ = tables
     assert plots.plot_fid(agg.assign(fid_mean=np.nan)) is None

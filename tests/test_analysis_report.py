@@ -199,3 +199,31 @@ def test_no_critical_section_without_the_column(tmp_path):
     paths = build_report(study_dir, tmp_path / "out", quiet=True)
     assert "critical" not in paths.figures
     assert "Critical sharpness" not in paths.markdown.read_text(encoding="utf-8").split("## Definitions")[0]
+
+
+def test_count_above_the_cut_is_averaged_over_seeds_and_drawn(tmp_path):
+    """n_above of two seeds is averaged per step (a capped seed flagged); the
+    report draws the figure only when some trial logged the count."""
+    from analysis.load import load
+    from analysis.metrics import curves
+    from analysis_fixtures import write_steps
+
+    seeds = [SyntheticTrial("base", 1e-3, s, steps=20, onset=10) for s in (0, 1)]
+    study_dir = tmp_path / "s"
+    for t in seeds:
+        rows = t.rows()
+        for r in rows:   # seed 0: step // 5 above, seed 1: one more, capped at 3 from step 10
+            n = r["step"] // 5 + t.seed
+            r.update(n_above=min(n, 3), n_above_capped=n >= 3, above_values=[2.0] * min(n, 3))
+        write_steps(study_dir / "steps" / f"variant={t.variant}" / f"trial={t.trial_id}", rows)
+    pd.DataFrame([t.trial_row() for t in seeds]).to_parquet(study_dir / "trials.parquet")
+
+    c = curves(load(study_dir)).set_index("step")
+    assert c.loc[7, "n_above_mean"] == 1.5 and c.loc[7, "n_above_n"] == 2 and c.loc[7, "n_above_capped_mean"] == 0
+    assert c.loc[12, "n_above_mean"] == 2.5 and c.loc[12, "n_above_capped_mean"] == 0.5
+    assert c.loc[17, "n_above_mean"] == 3.0 and c.loc[17, "n_above_capped_mean"] == 1.0
+    paths = build_report(study_dir, tmp_path / "out", quiet=True)
+    assert "above" in paths.figures and paths.figures["above"].png.stat().st_size > 0
+    assert "sharpness.above_fraction" in paths.markdown.read_text(encoding="utf-8")
+    fixture_dir, _ = build_fixture_study(tmp_path / "f")   # no count logged: no figure
+    assert "above" not in build_report(fixture_dir, tmp_path / "out2", quiet=True).figures

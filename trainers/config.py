@@ -232,6 +232,11 @@ class SharpnessConfig:
     critical: bool = False
     critical_tol: float = 0.0625
     critical_max_passes: int = 16
+    # count the eigenvalues of the measured operator (the one in ratio) above above_fraction × threshold
+    # (0.75: centralflows' 1.5/η under GD), growing the solver's wanted columns while the smallest is still
+    # above, at most above_cap (n_above, n_above_capped, above_values); 0: off
+    above_fraction: float = 0.75
+    above_cap: int = 8
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")
@@ -258,6 +263,10 @@ class SharpnessConfig:
         _check(0 < self.critical_tol < 1, "sharpness.critical_tol", f"must be in (0, 1); got {self.critical_tol}")
         _check(self.critical_max_passes >= 3, "sharpness.critical_max_passes",
                f"must be >= 3 (the loss, a guess and one more); got {self.critical_max_passes}")
+        _check(self.above_fraction >= 0 and math.isfinite(self.above_fraction), "sharpness.above_fraction",
+               f"must be >= 0 (0: off); got {self.above_fraction}")
+        _check(self.above_cap >= self.topk, "sharpness.above_cap",
+               f"must be >= topk={self.topk}; got {self.above_cap}")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

@@ -18,6 +18,9 @@ measures on the frozen Hessian batch
   (the ``threshold`` column itself is written by the run, for every step);
 * how the estimate was obtained (relative residual, iterations, Hessian-vector
   products, converged) and the top-k eigenvalues of the same operator;
+* how many eigenvalues of the same operator lie above ``sharpness.above_fraction``
+  × threshold, and their values (``n_above``, ``n_above_capped``,
+  ``above_values``; :meth:`SharpnessProbe._solve`);
 * optionally a Hutchinson estimate of tr(H); the step sharpness gᵀH_Bg/‖g‖²
   of the step's own training batch B (``step_sharpness``); and the batch
   sharpness of the "Edge of Stochastic Stability" paper (Andreyev &
@@ -60,6 +63,7 @@ not part of the gradient and not of the probed curvature.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -81,8 +85,9 @@ MicroBatches = Sequence[tuple[LossFn, float]]
 
 #: columns of the step log that :meth:`SharpnessProbe.measure` fills
 COLUMNS = ("lambda_max", "lambda_precond", "ratio", "eig_residual", "eig_iters", "eig_hvps",
-           "eig_converged", "eig_check", "topk", "hessian_trace", "step_sharpness", "batch_sharpness",
-           "batch_sharpness_n", "lambda_critical", "critical_passes", "lambda_dir")
+           "eig_converged", "eig_check", "topk", "n_above", "n_above_capped", "above_values", "hessian_trace",
+           "step_sharpness", "batch_sharpness", "batch_sharpness_n", "lambda_critical", "critical_passes",
+           "lambda_dir")
 
 
 def has_tf32(device) -> bool:
@@ -95,6 +100,13 @@ def has_tf32(device) -> bool:
 #: relative residual the TF32 search stops at, at least: the noise floor of
 #: TF32 products relative to float32 ones (bench/RESULTS.md)
 TF32_SEARCH_TOL = 2e-3
+
+
+#: guard columns at least, below the wanted ones, while counting eigenvalues
+#: above the cut grows the block past ``topk``: one guard tracks one eigenvalue
+#: by continuity and can lose one that rises from below across it; with two the
+#: count followed every crossing of tests/test_above_threshold.py
+COUNTING_GUARDS = 2
 
 
 def top_eigenpairs(operator: CurvatureOperator, X0: Optional[torch.Tensor] = None, *, search_tf32: bool = False,
@@ -136,6 +148,7 @@ class SharpnessProbe:
         self.warm: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, k) eigenvector blocks
         self.explore: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, 1) exploration direction
         self.warm_scale: Optional[torch.Tensor] = None   # P^{-1/2} (n, 1) at the last λ₁(P⁻¹H) solve
+        self.counted: dict[str, int] = {}   # "plain" / "precond" -> eigenvalues above the cut at the last probe
         self.probes = 0
         self.critical_guess: Optional[float] = None   # the last η_c: the next line search starts there
 
@@ -145,7 +158,7 @@ class SharpnessProbe:
                 "explore": {k: v.detach().cpu().clone() for k, v in self.explore.items()},
                 "warm_scale": None if self.warm_scale is None else self.warm_scale.detach().cpu().clone(),
                 "generator": self.generator.get_state(), "probes": self.probes,
-                "critical_guess": self.critical_guess}
+                "critical_guess": self.critical_guess, "counted": dict(self.counted)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; tensors may come on any device (they are
@@ -159,6 +172,7 @@ class SharpnessProbe:
             self.generator.set_state(state["generator"].to("cpu", torch.uint8))
         self.probes = int(state.get("probes", 0))
         self.critical_guess = state.get("critical_guess")
+        self.counted = {k: int(v) for k, v in state.get("counted", {}).items()}
 
     def reset_warm_start(self) -> None:
         """Forget the warm-start vectors: the next solve starts cold (the
@@ -166,17 +180,56 @@ class SharpnessProbe:
         self.warm = {}
         self.explore = {}
         self.warm_scale = None
+        self.counted = {}
 
     # --- one eigenproblem -----------------------------------------------
     def _solve(self, key: str, operator: CurvatureOperator, transport=None,
-               seed: Optional[Callable[[], torch.Tensor]] = None) -> tuple[LOBPCGResult, Optional[float]]:
-        """(result, check): the top eigenpairs of ``operator``, and — where a
+               seed: Optional[Callable[[], torch.Tensor]] = None,
+               cut: Optional[float] = None) -> tuple[LOBPCGResult, Optional[float], Optional[list[float]]]:
+        """(result, check, above): :meth:`_solve_once` with ``sharpness.topk``
+        wanted columns, or with ``cut`` as many as it takes to count the
+        eigenvalues above ``cut``, at most ``sharpness.above_cap``.
+
+        Counting starts from one more wanted column than the last probe
+        counted (at least ``topk``: it shrinks back when fewer are above) and,
+        while every wanted Ritz value is above ``cut`` and the solve
+        converged, solves again with one more, warm from this probe's vectors.
+        ``above``: the eigenvalues above ``cut`` (:func:`certified_above`;
+        None without ``cut``).  The result's products and iterations are those
+        of all the solves; ``check`` is the last one that was checked."""
+        if cut is None:
+            return (*self._solve_once(key, operator, self.cfg.topk, transport, seed), None)
+        cap = min(self.cfg.above_cap, operator.n)
+        wanted = max(self.cfg.topk, min(self.counted.get(key, 0) + 1, cap))
+        products = iterations = fast = 0
+        regrow, check = False, None
+        while True:
+            res, c = self._solve_once(key, operator, wanted, None if regrow else transport, seed, regrow=regrow)
+            check = c if c is not None else check
+            products, iterations = products + res.products, iterations + res.iterations
+            fast += res.fast_products
+            above = certified_above(res, wanted, cut, self.cfg.tol)
+            if len(above) < wanted or wanted >= cap or not res.converged:
+                break
+            wanted, regrow = wanted + 1, True
+        self.counted[key] = len(above)
+        return dataclasses.replace(res, products=products, iterations=iterations, fast_products=fast), check, above
+
+    def _solve_once(self, key: str, operator: CurvatureOperator, nwanted: int, transport=None,
+                    seed: Optional[Callable[[], torch.Tensor]] = None,
+                    regrow: bool = False) -> tuple[LOBPCGResult, Optional[float]]:
+        """(result, check): the top ``nwanted`` eigenpairs of ``operator``
+        (block: ``nwanted`` + the ``block_size − topk`` guards, at least
+        :data:`COUNTING_GUARDS` when ``nwanted`` > ``topk``), and — where a
         TF32 answer was checked with float32 products at this probe — the
         relative difference of the two λ₁ (else None).  ``seed()``: the
         exploration column of the first warm ``track`` solve (later ones carry
-        their own, :func:`trainers.curvature.lobpcg.track`)."""
+        their own, :func:`trainers.curvature.lobpcg.track`).  ``regrow``: a
+        second solve at this probe with a larger block, warm from the first
+        one's vectors (already in this operator's coordinates) with one random
+        column added to the exploration."""
         n, dtype, device = operator.n, operator.dtype, operator.device
-        X0 = self.warm.get(key) if self.cfg.warm_start else None
+        X0 = self.warm.get(key) if self.cfg.warm_start or regrow else None
         E = self.explore.get(key) if X0 is not None else None
         if X0 is not None:
             if X0.shape[0] != n:
@@ -188,18 +241,24 @@ class SharpnessProbe:
                 X0 = transport * X0
                 E = None if E is None else transport * E
         tf32 = self.cfg.search_precision == "tf32" and has_tf32(device)
-        k = self.cfg.block_size
+        guards = self.cfg.block_size - self.cfg.topk
+        if nwanted > self.cfg.topk:   # counting: keep an eigenvalue rising from below in the block through crossings
+            guards = max(guards, COUNTING_GUARDS)
+        k = min(n, nwanted + guards)
         # Cold: every column is refined to tol (exploration protects against
         # missing λ₁).  Warm: guards only to √tol, enough for their Ritz values
         # (error ~ residual²) to take over when an eigenvalue overtakes λ₁.
         guard_tol = self.cfg.tol if X0 is None else math.sqrt(self.cfg.tol)
-        kw = dict(k=k, nwanted=self.cfg.topk, accuracy=self.cfg.accuracy or None, max_iters=self.cfg.max_iters,
+        kw = dict(k=k, nwanted=nwanted, accuracy=self.cfg.accuracy or None, max_iters=self.cfg.max_iters,
                   generator=self.generator, guard_tol=guard_tol, dtype=dtype, device=device)
         check: Optional[float] = None
         if X0 is None or self.cfg.solver == "lobpcg":
             res = top_eigenpairs(operator, X0, search_tf32=tf32, n=n, tol=self.cfg.tol, **kw)
         else:
-            if E is None and seed is not None and self.cfg.explore != "none":
+            if regrow and self.cfg.explore != "none":
+                z = torch.randn(n, 1, generator=self.generator, dtype=dtype).to(device)
+                E = z if E is None else torch.cat([E, z], dim=1)
+            elif E is None and seed is not None and self.cfg.explore != "none":
                 E = seed()
             fast = operator.at("tf32") if tf32 else operator
             floor = TF32_SEARCH_TOL if tf32 else 0.0
@@ -209,11 +268,13 @@ class SharpnessProbe:
                 fast_top = float(res.eigenvalues[0])
                 for name in ("nwanted", "accuracy"):
                     kw.pop(name)
-                res = verify(res, operator.at("float32"), nwanted=self.cfg.topk, tol=self.cfg.tol,
+                res = verify(res, operator.at("float32"), nwanted=nwanted, tol=self.cfg.tol,
                              accuracy=self.cfg.accuracy or None, **kw)
                 check = abs(fast_top - float(res.eigenvalues[0])) / max(abs(float(res.eigenvalues[0])), 1e-300)
             if nxt is not None and self.cfg.explore != "none":
                 self.explore[key] = nxt.detach()
+            elif regrow:   # the old direction is inside the grown block now: the next probe seeds afresh
+                self.explore.pop(key, None)
         self.warm[key] = res.vectors.detach()
         return res, check
 
@@ -275,6 +336,7 @@ class SharpnessProbe:
         batch sharpness.  Both only with ``sharpness.batch_sharpness``."""
         params = trainable_parameters(model)
         threshold = stability_threshold(self.optim_cfg, lr)
+        cut = self.cfg.above_fraction * threshold if self.cfg.above_fraction > 0 else None
         wd = coupled_weight_decay(self.optim_cfg)
         cols: dict = {c: None for c in COLUMNS}
         direction = None
@@ -282,6 +344,7 @@ class SharpnessProbe:
             H = Shifted(H0, wd) if wd else H0   # the update's curvature (module docstring)
             main: Optional[LOBPCGResult] = None
             check: Optional[float] = None
+            above: Optional[list[float]] = None
             def gradient_seed() -> torch.Tensor:   # the gradient only where a solve asks for it
                 return self._seed(H0)   # the loss gradient (Shifted has none)
             if self.preconditioned:
@@ -289,22 +352,26 @@ class SharpnessProbe:
                 if P is not None:
                     d = flatten(P).to(H.dtype).rsqrt()[:, None]   # P^{-1/2}, (n, 1)
                     D = Diagonal(d[:, 0])
-                    main, check = self._solve("precond", D @ H @ D, transport=self._transport(d, H.n, H.device),
-                                              seed=lambda: d * gradient_seed())
+                    main, check, above = self._solve("precond", D @ H @ D,
+                                                     transport=self._transport(d, H.n, H.device),
+                                                     seed=lambda: d * gradient_seed(), cut=cut)
                     self.warm_scale = d   # a fresh tensor: nothing else holds it
                     cols["lambda_precond"] = float(main.eigenvalues[0])
                     cols["ratio"] = cols["lambda_precond"] / threshold
             plain_due = self.cfg.plain_lambda and self.probes % self.cfg.plain_every == 0
             if not self.preconditioned or plain_due or main is None:
-                plain, plain_check = self._solve("plain", H, seed=gradient_seed)
+                plain, plain_check, plain_above = self._solve("plain", H, seed=gradient_seed,
+                                                              cut=None if self.preconditioned else cut)
                 cols["lambda_max"] = float(plain.eigenvalues[0])
                 if not self.preconditioned:
                     cols["ratio"] = cols["lambda_max"] / threshold
                 if main is None:
-                    main, check = plain, plain_check
+                    main, check, above = plain, plain_check, plain_above
             cols.update(eig_residual=float(main.residuals[0]), eig_iters=int(main.iterations),
                         eig_hvps=int(main.products), eig_converged=bool(main.converged), eig_check=check,
                         topk=[float(v) for v in main.eigenvalues[:self.cfg.topk]])
+            if above is not None:
+                cols.update(n_above=len(above), n_above_capped=len(above) >= self.cfg.above_cap, above_values=above)
             if self.cfg.trace_samples > 0:
                 Z = self._rademacher(H.n, self.cfg.trace_samples, H.dtype, H.device)
                 cols["hessian_trace"] = float((Z * H(Z)).sum(dtype=torch.float64)) / self.cfg.trace_samples
@@ -324,6 +391,19 @@ class SharpnessProbe:
                 cols.update(batch_sharpness=mean, batch_sharpness_n=batches)
         self.probes += 1
         return cols
+
+
+def certified_above(res: LOBPCGResult, nwanted: int, cut: float, tol: float) -> list[float]:
+    """The leading wanted Ritz values of ``res`` above ``cut`` that are
+    certified: all of them when the solve converged (every wanted column met
+    the solver's tolerances), else those whose relative residual is ≤ ``tol``."""
+    out = []
+    for i in range(nwanted):
+        theta = float(res.eigenvalues[i])
+        if not theta > cut or not (res.converged or float(res.residuals[i]) <= tol):
+            break
+        out.append(theta)
+    return out
 
 
 def warm_start_transport(d_new: torch.Tensor, d_old: torch.Tensor) -> torch.Tensor:

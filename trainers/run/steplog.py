@@ -9,7 +9,7 @@ checkpoint's step, so no step is ever duplicated or lost.  ``_manifest.json``
 :func:`check_log` names a chunk deleted or damaged afterwards (a resume and
 ``eos report`` refuse such a log, in one line).
 
-Schema version 3 (one row per optimizer step; null where not measured).
+Schema version 4 (one row per optimizer step; null where not measured).
 :data:`STEP_COLUMNS` below is its one definition (name, Arrow type, unit,
 meaning) and :data:`UNITS` says what the unit symbols mean (θ: the
 parameters' unit, η: the learning rate's, so that the threshold and the λ in
@@ -43,6 +43,12 @@ eig_error          string         —        why a probed step has no curvature:
 eig_check          float64        1        |λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate
                                            was checked with float32 products at this step
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
+n_above            int64          count    eigenvalues of the operator in ``ratio`` above
+                                           sharpness.above_fraction × threshold, each converged
+                                           to the solver's tolerance (at most
+                                           sharpness.above_cap)
+n_above_capped     bool           —        n_above reached sharpness.above_cap: a lower bound
+above_values       list<float64>  1/η      the n_above eigenvalues above the cut, descending
 hessian_trace      float64        loss/θ²  Hutchinson estimate of tr(H)
 step_sharpness     float64        loss/θ²  gᵀH_Bg/‖g‖² on the step's own training batch B,
                                            train mode
@@ -86,7 +92,7 @@ import pyarrow.parquet as pq
 
 from trainers.run.atomic import remove_stale_temporaries, write_atomic, write_json_atomic
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,10 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("eig_check", _F, "1", "|λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate was checked with float32 "
                                  "products at this step"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
+    Column("n_above", _I, "count", "eigenvalues of the operator in ``ratio`` above sharpness.above_fraction × "
+                                   "threshold, each converged to the solver's tolerance (at most sharpness.above_cap)"),
+    Column("n_above_capped", pa.bool_(), "—", "n_above reached sharpness.above_cap: a lower bound"),
+    Column("above_values", pa.list_(_F), "1/η", "the n_above eigenvalues above the cut, descending"),
     Column("hessian_trace", _F, "loss/θ²", "Hutchinson estimate of tr(H)"),
     Column("step_sharpness", _F, "loss/θ²", "gᵀH_Bg/‖g‖² on the step's own training batch B, train mode"),
     Column("batch_sharpness", _F, "loss/θ²", "batch sharpness: mean of gᵀH_Bg/‖g‖² over fresh training "
