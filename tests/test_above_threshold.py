@@ -56,7 +56,7 @@ def test_count_and_values_match_eigvalsh_on_a_quadratic(fraction, cap):
 def test_nothing_extra_is_computed_when_lambda_is_below_the_cut():
     model, loss, A = _quadratic(SPECTRUM, seed=2)
     ocfg = OptimConfig(name="gd", lr=LR)
-    on = SharpnessProbe(SharpnessConfig(above_fraction=1.6, **TIGHT), ocfg).measure(model, loss, None, LR)
+    on = SharpnessProbe(SharpnessConfig(above_fraction=1.6, above_cap=8, **TIGHT), ocfg).measure(model, loss, None, LR)
     off = SharpnessProbe(SharpnessConfig(above_fraction=0, **TIGHT), ocfg).measure(model, loss, None, LR)
     assert on["n_above"] == 0 and on["above_values"] == [] and on["n_above_capped"] is False
     assert off["n_above"] is None and off["above_values"] is None and off["n_above_capped"] is None
@@ -70,7 +70,7 @@ def test_gd_count_on_unet_blocks_matches_the_dense_hessian():
     cut = float(lam[2] + lam[3]) / 2
     lr = 2 / (cut / 0.75)
     ocfg = OptimConfig(name="gd", lr=lr)
-    probe = SharpnessProbe(SharpnessConfig(**TIGHT), ocfg)
+    probe = SharpnessProbe(SharpnessConfig(above_cap=8, **TIGHT), ocfg)
     cols = probe.measure(model, loss, build_optimizer(ocfg, model.parameters()), lr)
     assert cols["n_above"] == 3 and not cols["n_above_capped"]
     np.testing.assert_allclose(cols["above_values"], lam[:3].numpy(), rtol=1e-6)
@@ -117,10 +117,10 @@ def test_adam_count_is_of_the_preconditioned_operator():
     threshold = cut / 0.75
     lr = (2 + 2 * 0.9) / ((1 - 0.9) * threshold)
     fresh = build_optimizer(ocfg, model.parameters())   # no state yet: no P⁻¹H, no ratio, nothing counted
-    before = SharpnessProbe(SharpnessConfig(adam_preconditioner="init2winit", above_fraction=1e-9), ocfg)
+    before = SharpnessProbe(SharpnessConfig(adam_preconditioner="init2winit", above_fraction=1e-9, above_cap=8), ocfg)
     cols = before.measure(model, loss, fresh, lr)
     assert cols["ratio"] is None and cols["lambda_max"] > 0 and cols["n_above"] is None
-    probe = SharpnessProbe(SharpnessConfig(adam_preconditioner="init2winit", **TIGHT), ocfg)
+    probe = SharpnessProbe(SharpnessConfig(adam_preconditioner="init2winit", above_cap=8, **TIGHT), ocfg)
     cols = probe.measure(model, loss, opt, lr)
     assert cols["n_above"] == 2
     np.testing.assert_allclose(cols["above_values"], lam[:2].numpy(), rtol=1e-6)
@@ -204,7 +204,7 @@ def test_warm_counting_cost(capsys):
     hvps = {}
     for fraction in (0.75, 0.0):
         model = _Moving(torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
-        probe = SharpnessProbe(SharpnessConfig(above_fraction=fraction), OptimConfig(name="gd", lr=lr))
+        probe = SharpnessProbe(SharpnessConfig(above_fraction=fraction, above_cap=8), OptimConfig(name="gd", lr=lr))
         rows = []
         for A in _moving_spectra("staggered", 30, n):
             model.A = A
@@ -222,9 +222,9 @@ def test_warm_counting_cost(capsys):
 def test_state_dict_carries_the_count():
     model, loss, _ = _quadratic(SPECTRUM, seed=3)
     ocfg = OptimConfig(name="gd", lr=LR)
-    probe = SharpnessProbe(SharpnessConfig(), ocfg)
+    probe = SharpnessProbe(SharpnessConfig(above_cap=8), ocfg)
     first = probe.measure(model, loss, None, LR)
-    resumed = SharpnessProbe(SharpnessConfig(), ocfg)
+    resumed = SharpnessProbe(SharpnessConfig(above_cap=8), ocfg)
     resumed.load_state_dict(probe.state_dict())
     assert resumed.counted == {"plain": first["n_above"]} and first["n_above"] == 6
     assert resumed.measure(model, loss, None, LR) == probe.measure(model, loss, None, LR)
@@ -234,7 +234,7 @@ def test_state_dict_carries_the_count():
 
 @pytest.mark.parametrize("fields, message", [
     (dict(above_fraction=-0.5), "sharpness.above_fraction: must be >= 0"),
-    (dict(above_cap=1, block_size=3, topk=2), "sharpness.above_cap: must be >= topk=2"),
+    (dict(above_cap=1, block_size=3, topk=2), r"sharpness.above_cap: must be 0 \(off\) or >= topk=2"),
 ])
 def test_bad_settings_are_one_line_errors(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -256,7 +256,7 @@ def test_tf32_search_counts_float32_checked_values_on_cuda(cuda_graphs):
     gpu = copy.deepcopy(model).float().cuda()
     x, t, eps = x.float().cuda(), t.float().cuda(), eps.float().cuda()
     ocfg = OptimConfig(name="gd", lr=lr)
-    probe = SharpnessProbe(SharpnessConfig(tol=1e-3, cuda_graphs=cuda_graphs, search_precision="tf32"), ocfg)
+    probe = SharpnessProbe(SharpnessConfig(tol=1e-3, cuda_graphs=cuda_graphs, search_precision="tf32", above_cap=8), ocfg)
     for i in range(3):   # cold, then warm track solves (float32-checked every probe: verify_every 1)
         cols = probe.measure(gpu, lambda: ((gpu(x, t) - eps) ** 2).mean(), None, lr)
         assert cols["n_above"] == 3 and (i == 0 or cols["eig_check"] is not None)

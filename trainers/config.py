@@ -234,9 +234,11 @@ class SharpnessConfig:
     critical_max_passes: int = 16
     # count the eigenvalues of the measured operator (the one in ratio) above above_fraction × threshold
     # (0.75: centralflows' 1.5/η under GD), growing the solver's wanted columns while the smallest is still
-    # above, at most above_cap (n_above, n_above_capped, above_values); 0: off
+    # above, at most above_cap of them (n_above, n_above_capped, above_values).  above_cap 0 (default) or
+    # above_fraction 0: no count (it costs about two products per counted eigenvalue and probe, far more in
+    # Adam's opening steps: bench/RESULTS.md); e.g. above_cap: 8 turns it on
     above_fraction: float = 0.75
-    above_cap: int = 8
+    above_cap: int = 0
 
     def __post_init__(self):
         _check(self.every >= 0, "sharpness.every", f"must be >= 0; got {self.every}")
@@ -265,8 +267,8 @@ class SharpnessConfig:
                f"must be >= 3 (the loss, a guess and one more); got {self.critical_max_passes}")
         _check(self.above_fraction >= 0 and math.isfinite(self.above_fraction), "sharpness.above_fraction",
                f"must be >= 0 (0: off); got {self.above_fraction}")
-        _check(self.above_cap >= self.topk, "sharpness.above_cap",
-               f"must be >= topk={self.topk}; got {self.above_cap}")
+        _check(self.above_cap == 0 or self.above_cap >= self.topk, "sharpness.above_cap",
+               f"must be 0 (off) or >= topk={self.topk}; got {self.above_cap}")
 
 
 SAMPLERS = ("ddpm", "ddim", "heun", "dpmpp2m")

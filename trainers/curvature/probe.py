@@ -336,7 +336,8 @@ class SharpnessProbe:
         batch sharpness.  Both only with ``sharpness.batch_sharpness``."""
         params = trainable_parameters(model)
         threshold = stability_threshold(self.optim_cfg, lr)
-        cut = self.cfg.above_fraction * threshold if self.cfg.above_fraction > 0 else None
+        counting = self.cfg.above_fraction > 0 and self.cfg.above_cap > 0
+        cut = self.cfg.above_fraction * threshold if counting else None
         wd = coupled_weight_decay(self.optim_cfg)
         cols: dict = {c: None for c in COLUMNS}
         direction = None
