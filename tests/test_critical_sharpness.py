@@ -193,14 +193,12 @@ def test_update_direction_without_a_finite_gradient_is_none():
 # --- the probe column -------------------------------------------------------------------------
 
 
-def test_probe_logs_two_over_eta_c_of_the_adam_update_on_a_quadratic_and_leaves_everything_as_it_was():
-    """After some Adam steps on a quadratic the logged 2/η_c equals the closed
-    form ΔθᵀAΔθ / ΔθᵀAθ with Δθ from an independent deep-copied step; the
-    parameters and the optimizer state are bit-identical afterwards."""
-    model, A = _quadratic(seed=8)
-    ocfg = OptimConfig(name="adam", lr=1e-2)
+
+def _trained_and_coming_step(model, ocfg, steps):
+    """(optimizer, Δθ): ``model`` trained ``steps`` Adam steps, its gradient in
+    .grad, and the coming update per unit η, taken by a deep-copied twin."""
     opt = build_optimizer(ocfg, model.parameters())
-    for _ in range(4):
+    for _ in range(steps):
         opt.zero_grad()
         model.loss().backward()
         opt.step()
@@ -209,7 +207,15 @@ def test_probe_logs_two_over_eta_c_of_the_adam_update_on_a_quadratic_and_leaves_
     twin_model, twin_opt = copy.deepcopy((model, opt))
     twin_model.theta.grad = model.theta.grad.clone()
     twin_opt.step()
-    delta = (model.theta.detach() - twin_model.theta.detach()) / ocfg.lr   # the step, per unit η
+    return opt, (model.theta.detach() - twin_model.theta.detach()) / ocfg.lr
+
+def test_probe_logs_two_over_eta_c_of_the_adam_update_on_a_quadratic_and_leaves_everything_as_it_was():
+    """After some Adam steps on a quadratic the logged 2/η_c equals the closed
+    form ΔθᵀAΔθ / ΔθᵀAθ with Δθ from an independent deep-copied step; the
+    parameters and the optimizer state are bit-identical afterwards."""
+    model, A = _quadratic(seed=8)
+    ocfg = OptimConfig(name="adam", lr=1e-2)
+    opt, delta = _trained_and_coming_step(model, ocfg, 4)
     expected = float(delta @ A @ delta / (delta @ A @ model.theta.detach()))
 
     theta, state = model.theta.detach().clone(), copy.deepcopy(opt.state_dict())
@@ -390,17 +396,8 @@ def test_cuda_probe_matches_the_closed_form_and_restores_the_parameters():
     model = model.float().cuda()
     A = A.float().cuda()
     ocfg = OptimConfig(name="adam", lr=1e-2)
-    opt = build_optimizer(ocfg, model.parameters())
-    for _ in range(3):
-        opt.zero_grad()
-        model.loss().backward()
-        opt.step()
-    opt.zero_grad()
-    model.loss().backward()
-    twin_model, twin_opt = copy.deepcopy((model, opt))
-    twin_model.theta.grad = model.theta.grad.clone()
-    twin_opt.step()
-    delta = ((model.theta.detach() - twin_model.theta.detach()) / ocfg.lr).double()
+    opt, delta = _trained_and_coming_step(model, ocfg, 3)
+    delta = delta.double()
     Ad = A.double()
     expected = float(delta @ Ad @ delta / (delta @ Ad @ model.theta.detach().double()))
     theta, state = model.theta.detach().clone(), copy.deepcopy(opt.state_dict())
