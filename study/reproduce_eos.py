@@ -38,7 +38,7 @@ def base_config(args) -> dict:
         "sharpness": {"every": args.every, "hessian_batch": args.batch,
                       "block_size": args.block if args.block is not None else max(2, args.topk + 1),
                       "topk": args.topk, "tol": args.tol, "max_iters": 60,
-                      "batch_sharpness": args.batch_sharpness},
+                      "batch_sharpness": args.batch_sharpness, "critical": args.critical},
         "train": {"steps": args.steps, "fixed_noise": True, "checkpoint_every": 10_000, "print_every": 50,
                   "seed": 0, "device": args.device},
     }
@@ -92,6 +92,8 @@ def main(argv=None) -> int:
                    help="relative residual at which a λ estimate stops (λ error ≈ tol²)")
     p.add_argument("--batch-sharpness", action="store_true",
                    help="also log gᵀHg/‖g‖², the curvature along the gradient step")
+    p.add_argument("--critical", action="store_true",
+                   help="also log the critical sharpness 2/η_c (line search along the update) and ΔθᵀHΔθ/Δθᵀg")
     p.add_argument("--minutes", type=float, default=6.0, help="wall-time limit per run")
     p.add_argument("--gd-multiples", type=float, nargs="*", default=[2.0, 4.0],
                    help="GD runs at 2/η = multiple × λ₀")
@@ -171,6 +173,14 @@ def run_summary(name: str, steps, cfg: dict, status: str) -> dict:
     # GD (Adam's step is preconditioned, and its threshold applies to P⁻¹H)
     if cfg["optim"]["name"] not in PRECONDITIONED_OPTIMIZERS and "batch_sharpness" in tail and tail["batch_sharpness"].notna().any():
         row["grad_curvature_ratio_median"] = float((tail["batch_sharpness"] / tail["threshold"]).median())
+    # 2/η_c (sharpness.critical): against λ₁ for every optimizer, against 2/η (its own threshold: one step raises
+    # the loss) for GD only; and the fraction of probes with 2/η_c > 2/η: the update about to be taken raises the loss
+    if "lambda_critical" in tail and tail["lambda_critical"].notna().any():
+        crit = tail["lambda_critical"]
+        row["critical_over_lambda_median"] = float((crit / tail["lambda"]).median())
+        if cfg["optim"]["name"] not in PRECONDITIONED_OPTIMIZERS:
+            row["critical_ratio_median"] = float((crit / tail["threshold"]).median())
+            row["critical_above_threshold"] = float((crit.dropna() > tail.loc[crit.notna(), "threshold"]).mean())
     return row
 
 
@@ -223,6 +233,9 @@ def summarize(out: Path, names: list[str]) -> None:
             if opt == "gd" and "batch_sharpness" in d and d["batch_sharpness"].notna().any():
                 ax.plot(d["step"], d["batch_sharpness"], color=color, linestyle=":", linewidth=1,
                         label=f"{name}: gᵀHg/‖g‖²")
+            if "lambda_critical" in d and d["lambda_critical"].notna().any():
+                ax.plot(d["step"], d["lambda_critical"], color=color, linestyle="-.", linewidth=0.9, alpha=0.8,
+                        label=f"{name}: 2/η_c")
             ax.plot(d["step"], d["threshold"], color=color, linestyle="--", linewidth=1)
         ax.set_yscale("log")
         ax.set_xlabel("step")

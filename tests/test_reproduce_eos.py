@@ -35,6 +35,21 @@ def test_run_summary_against_hand_computed_statistics():
     assert row["k_recorded"] == 3
     assert row["grad_curvature_ratio_median"] == pytest.approx(1.0)
     assert row["steps"] == 40 and row["lambda_start"] == 12.0
+    assert "critical_ratio_median" not in row   # no lambda_critical column
+
+
+def test_critical_sharpness_statistics_against_hand_computed_values():
+    steps = _steps()
+    # 2/η_c: 15 on even steps (above 2/η = 10), 6 on odd ones, missing on step 21 (no bracket)
+    steps["lambda_critical"] = np.where(steps["step"] % 2 == 0, 15.0, 6.0)
+    steps.loc[steps["step"] == 21, "lambda_critical"] = np.nan
+    row = reproduce_eos.run_summary("gd-x", steps, {"optim": {"name": "gd", "lr": 0.2}}, "stopped")
+    # second half: ten even steps 15/12 = 1.25 and nine odd ones 6/9 = 0.667 → median 1.25 (19 values)
+    assert row["critical_over_lambda_median"] == pytest.approx(1.25)
+    assert row["critical_ratio_median"] == pytest.approx(1.5)
+    assert row["critical_above_threshold"] == pytest.approx(10 / 19)
+    adam = reproduce_eos.run_summary("adam-x", steps, {"optim": {"name": "adam", "lr": 1e-3}}, "stopped")
+    assert "critical_over_lambda_median" in adam and "critical_ratio_median" not in adam
 
 
 def test_gradient_curvature_is_compared_with_the_threshold_for_gd_only():
@@ -59,7 +74,7 @@ def test_nothing_to_run_is_an_error(tmp_path, capsys):
 def test_tiny_gd_and_adam_run_end_to_end(tmp_path):
     out = tmp_path / "eos"
     rc = reproduce_eos.main(["--out", str(out), "--preset", "tiny", "--image-size", "8", "--batch", "8",
-                             "--steps", "6", "--every", "1", "--topk", "2", "--batch-sharpness",
+                             "--steps", "6", "--every", "1", "--topk", "2", "--batch-sharpness", "--critical",
                              "--gd-multiples", "2", "--adam-lrs", "1e-3", "--minutes", "5", "--device", "cpu"])
     assert rc == 0
     pilot = json.loads((out / "pilot.json").read_text())
@@ -67,11 +82,12 @@ def test_tiny_gd_and_adam_run_end_to_end(tmp_path):
     for name in pilot["runs"]:
         cfg = json.loads((out / name / "config.json").read_text())
         assert cfg["sharpness"]["block_size"] == 3 and cfg["sharpness"]["topk"] == 2
-        assert cfg["sharpness"]["batch_sharpness"] is True
+        assert cfg["sharpness"]["batch_sharpness"] is True and cfg["sharpness"]["critical"] is True
     gd = next(n for n in pilot["runs"] if n.startswith("gd"))
     assert json.loads((out / gd / "config.json").read_text())["optim"]["lr"] == pytest.approx(1.0 / pilot["lambda0"])
     summary = (out / "summary.md").read_text()
-    for col in ("ratio_even_steps", "lambda2_ratio_median", "grad_curvature_ratio_median"):
+    for col in ("ratio_even_steps", "lambda2_ratio_median", "grad_curvature_ratio_median",
+                "critical_over_lambda_median", "critical_ratio_median", "critical_above_threshold"):
         assert col in summary
     assert (out / "eos_lambda.png").stat().st_size > 0 and (out / "eos_ratio.png").stat().st_size > 0
 
