@@ -311,7 +311,10 @@ def test_the_next_probe_starts_from_the_last_eta_c_also_after_a_resume():
     assert resumed.critical_guess == probe.critical_guess
     again = [p.measure(model, model.loss, opt, 0.01, grads=[model.theta.grad]) for p in (probe, resumed)]
     assert again[0] == again[1]
-    assert again[0]["critical_passes"] <= 6   # L(θ), the guess, one doubling or halving, bisections
+    # L(θ), the guess (the last bracket's midpoint), one halving or doubling to a factor-2 bracket with η_c
+    # within 1/16 of its top or bottom end, then 3 or 4 bisections to 1 − lower/upper ≤ 1/16: 6 or 7 passes
+    # (which one depends on the side of the midpoint η_c lies, i.e. on the rounding of the first search)
+    assert again[0]["critical_passes"] <= 7
 
 
 def test_config_checks():
@@ -409,7 +412,7 @@ def test_cuda_probe_matches_the_closed_form_and_restores_the_parameters():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_tiny_unet_training_is_unchanged_and_the_value_is_finite():
+def test_cuda_tiny_unet_training_is_unchanged_and_the_value_is_finite(cuda_deterministic):
     from trainers.run.loop import Trainer, train_step
 
     sharp = {"every": 1, "hessian_batch": 4, "max_iters": 10, "tol": 0.05}
@@ -421,8 +424,8 @@ def test_cuda_tiny_unet_training_is_unchanged_and_the_value_is_finite():
             row, _ = train_step(run)
             if run is runs[0]:
                 rows.append(row)
-    for p, q in zip(*(run.model.parameters() for run in runs)):   # up to the GPU's non-deterministic reductions
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    for p, q in zip(*(run.model.parameters() for run in runs)):   # deterministic kernels: the same parameters
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
     for row in rows:
         assert math.isfinite(row["lambda_critical"]) and math.isfinite(row["lambda_dir"])
         assert row["critical_passes"] <= 16
