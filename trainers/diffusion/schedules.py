@@ -32,7 +32,9 @@ class NoiseSchedule:
     """Precomputed ᾱ_t, σ_t and friends for a discrete VP schedule.
 
     Tables are float64 on the CPU; :meth:`at` gathers float32 values on the
-    device of the index tensor.
+    device of the index tensor, from a copy of the table on that device made
+    at its first use there (so that a loss, once evaluated on a GPU, copies
+    nothing from the host: it can be recorded as a CUDA graph).
     """
 
     def __init__(self, betas: torch.Tensor):
@@ -46,6 +48,15 @@ class NoiseSchedule:
         self.sigmas = (self.sqrt_one_minus_alpha_bar / self.sqrt_alpha_bar)  # VE noise level per t
         self.snr = self.alpha_bar / (1.0 - self.alpha_bar)
         self._log_sigmas = self.sigmas.log()
+        self._on_device: dict = {}   # (table id, device) -> the table on that device
+
+    def _table(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return table
+        key = (id(table), str(device))
+        if key not in self._on_device:
+            self._on_device[key] = (table, table.to(device))   # the table kept with it: its id stays its own
+        return self._on_device[key][1]
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig) -> "NoiseSchedule":
@@ -65,7 +76,7 @@ class NoiseSchedule:
         """``table[t]`` as float32 on t's device, shaped to broadcast over an
         ``ndim``-dimensional batch.  ``t`` may be fractional (linear
         interpolation), which samplers use for continuous σ."""
-        table = table.to(t.device)
+        table = self._table(table, t.device)
         if t.dtype.is_floating_point:
             t = t.to(torch.float64).clamp(0, self.timesteps - 1)
             lo = t.floor().long()
@@ -84,8 +95,8 @@ class NoiseSchedule:
         """Fractional timestep whose σ_t equals ``sigma`` (interpolated in log σ;
         clamped to the schedule's range)."""
         log_sigma = sigma.to(torch.float64).log().reshape(-1)
-        table = self._log_sigmas.to(log_sigma.device)
-        log_sigma = log_sigma.clamp(float(table[0]), float(table[-1]))
+        table = self._table(self._log_sigmas, log_sigma.device)
+        log_sigma = log_sigma.clamp(float(self._log_sigmas[0]), float(self._log_sigmas[-1]))
         hi = torch.searchsorted(table, log_sigma).clamp(1, self.timesteps - 1)
         lo = hi - 1
         w = (log_sigma - table[lo]) / (table[hi] - table[lo])
