@@ -226,6 +226,11 @@ class SharpnessConfig:
     # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
     # thousands; trainers.curvature.hessian); no effect on the CPU or with other hvp methods
     cuda_graphs: bool = True
+    # with CUDA graphs: keep the probe's Hessian operator from one probe to the next while the Hessian batch stays
+    # the same, replaying its gradient graph (forward + first backward) and its products as recorded CUDA graphs
+    # instead of building and recording them at every probe; the gradient graph's memory stays allocated between
+    # probes (trainers.curvature.hessian, "Resident"); no effect on the CPU
+    resident: bool = True
     # critical sharpness 2/η_c (Kalra et al. 2026; trainers.curvature.critical): line search for the smallest η at
     # which the update raises the Hessian-batch loss, to 1 - η_lo/η_hi <= critical_tol, in <= critical_max_passes
     # forward passes

@@ -64,6 +64,21 @@ graph, on another stream, and a capture that meets them fails), and it is
 built on the stream the captures run on.  A capture that fails raises an
 error that names the switch (``sharpness.cuda_graphs``): a failed capture
 leaves CUDA's state unusable, so there is no quiet fallback.
+
+**Resident** (``DoubleBackwardHessian(..., cuda_graphs=True, resident=True)``).
+Building the gradient graph (a forward pass and a backward pass with
+``create_graph``) and recording the products' CUDA graphs cost several
+products when an operator is made anew for every parameter update.  A
+resident operator is kept instead: :meth:`DoubleBackwardHessian.refresh`,
+after the parameters were updated in place, records the build itself as a
+CUDA graph the first time and replays it from then on, writing the loss,
+the gradient and every saved tensor of the gradient graph into the same
+memory, so that the products' CUDA graphs recorded on that graph stay
+valid.  The loss closure must compute the same function of the parameters
+at every refresh (its other inputs, e.g. a frozen batch, fixed tensors at
+fixed addresses); the parameters must keep their storage (a refresh returns
+False when one moved).  The recorded build's memory stays allocated between
+refreshes.
 """
 from __future__ import annotations
 
@@ -207,6 +222,16 @@ class CurvatureOperator:
         without float32 matmuls or convolutions is its own."""
         _check_precision(precision)
         return self
+
+    #: whether :meth:`refresh` keeps what the products reuse, so that a
+    #: caller may keep the operator from one parameter update to the next
+    resident: bool = False
+
+    def refresh(self) -> bool:
+        """Bring the operator to the current values of what it depends on
+        (parameters updated in place); False when it cannot (make a new one).
+        Nothing here depends on anything."""
+        return True
 
     def close(self) -> None:
         """Free what the operator holds (nothing here)."""
@@ -378,7 +403,7 @@ class _GradientGraph:
     by an operator and its precision views; the second backward passes."""
 
     def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], *, fast_conv_model: Optional[nn.Module] = None,
-                 functional: Optional[_Functional] = None, own_stream: bool = False):
+                 functional: Optional[_Functional] = None, own_stream: bool = False, resident: bool = False):
         self.loss_fn = loss_fn
         self.params = params
         self.device = params[0].device
@@ -390,23 +415,36 @@ class _GradientGraph:
         self.loss: Optional[torch.Tensor] = None
         self.live: list[int] = []
         self.wrt: list[torch.Tensor] = params   # the leaves the graph is differentiated with respect to
+        # resident (CUDA graphs): the build itself is recorded as a CUDA graph at the first refresh
+        # and replayed at the next ones; the parameters' storage it reads (data_ptr) then
+        self.resident = resident and own_stream
+        self.build_graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.storage: list[int] = []
 
-    def build(self) -> None:
+    def build(self, record: Optional["torch.cuda.CUDAGraph"] = None) -> None:
+        """The loss, its gradient and the gradient's graph at the parameters'
+        current values; ``record``: capture the build into this CUDA graph
+        instead (nothing runs until it is replayed)."""
         if self.grads is not None:
             return
         convs = (fast_double_backward(self.fast_conv_model) if self.fast_conv_model is not None
                  else contextlib.nullcontext())
-        stream = contextlib.nullcontext()
+        stream = capture = contextlib.nullcontext()
         if self.own_stream:
             # the second backward runs each op on the stream of the op it
             # differentiates, so the graph is built on the capture stream
-            self.stream = torch.cuda.Stream(self.device)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.device)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             stream = torch.cuda.stream(self.stream)
-        with arithmetic("float32", self.device), convs, stream:
+            if record is not None:
+                capture = torch.cuda.graph(record, stream=self.stream)
+        with arithmetic("float32", self.device), convs, stream, capture:
             if self.functional is not None:
-                # fresh leaves sharing the parameters' storage (see the module docstring)
-                self.wrt = [p.detach().requires_grad_(True) for p in self.params]
+                # fresh leaves sharing the parameters' storage (see the module docstring); a
+                # recorded graph outlives optimizer steps, whose in-place updates would bump a
+                # version counter shared through detach(): .data shares the storage alone
+                self.wrt = [(p.data if record is not None else p.detach()).requires_grad_(True) for p in self.params]
                 loss = self.functional.loss(self.wrt)
             else:
                 loss = self.loss_fn()
@@ -420,6 +458,37 @@ class _GradientGraph:
         self.live = [i for i, g in enumerate(self.grads) if g.requires_grad]
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def refresh(self) -> bool:
+        """Bring the graph to the parameters' current values.  Not resident:
+        it is dropped and rebuilt at the next use.  Resident: the first
+        refresh records the build as a CUDA graph (and replays it), later ones
+        replay it, in place — the saved tensors, the gradient and the loss
+        keep their addresses, so CUDA graphs of products recorded on this
+        graph stay valid.  False when a parameter's storage moved since the
+        recording (the caller builds a new operator)."""
+        storage = [p.data_ptr() for p in self.params]
+        if self.build_graph is None:
+            self.close()
+            if not self.resident:
+                return True
+            graph = torch.cuda.CUDAGraph()
+            try:
+                self.build(record=graph)
+            except RuntimeError as e:
+                self.close()
+                raise RuntimeError(f"Hessian-vector product: recording the gradient graph as a CUDA graph failed "
+                                   f"({e}). Keep it per probe (sharpness.resident: false) or turn CUDA graphs off "
+                                   "(sharpness.cuda_graphs: false), and report the model and loss.") from e
+            self.build_graph, self.storage = graph, storage
+        elif storage != self.storage:
+            return False
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            self.build_graph.replay()
+        current.wait_stream(self.stream)
+        return True
 
     def column(self, v: torch.Tensor) -> torch.Tensor:
         """Hv for one flat vector v (n,) by a second backward pass."""
@@ -450,6 +519,8 @@ class _GradientGraph:
         self.grads = None
         self.loss = None
         self.live = []
+        self.build_graph = None
+        self.storage = []
 
 
 class _DoubleBackward(HessianOperator):
@@ -482,25 +553,57 @@ class DoubleBackwardHessian(_DoubleBackward):
     twice on the ordinary kernels (:mod:`trainers.curvature.conv_double_backward`).
     ``cuda_graphs`` (CUDA and ``model`` only; ignored otherwise): replay each
     product's second backward pass as a CUDA graph, one per precision;
-    ``graphed`` says whether products are being replayed.
+    ``graphed`` says whether products are being replayed.  ``resident``
+    (with CUDA graphs): :meth:`refresh` keeps the operator across parameter
+    updates, replaying the recorded gradient graph (module docstring).
     """
 
     method = "double_backward"
     CUDA_GRAPHS = True
 
     def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor], *, model: Optional[nn.Module] = None,
-                 precision: str = "float32", fast_conv: bool = True, cuda_graphs: bool = False):
+                 precision: str = "float32", fast_conv: bool = True, cuda_graphs: bool = False,
+                 resident: bool = False):
         super().__init__(loss_fn, params, model=model, precision=precision)
         self._cuda_graphs = cuda_graphs and self.device.type == "cuda" and model is not None
         functional = _Functional(model, loss_fn, self.params) if self._cuda_graphs else None
         self._graph = _GradientGraph(loss_fn, self.params, fast_conv_model=model if fast_conv else None,
-                                     functional=functional, own_stream=self._cuda_graphs)
+                                     functional=functional, own_stream=self._cuda_graphs,
+                                     resident=resident and self._cuda_graphs)
         self._captured: dict = {}   # precision -> (CUDA graph, input buffer, output buffer)
         self._eager: dict = {}      # precision -> products computed without a CUDA graph
 
     @property
     def graphed(self) -> bool:
         return self._cuda_graphs
+
+    @property
+    def resident(self) -> bool:
+        """Whether :meth:`refresh` keeps the gradient graph and the products'
+        CUDA graphs (CUDA graphs on and ``resident``)."""
+        return self._graph.resident
+
+    def refresh(self) -> bool:
+        """The operator at the parameters' current values (they were updated
+        in place since its products).  Resident: the first refresh drops the
+        products' CUDA graphs, which read the eagerly built gradient graph,
+        and records the build; from then on a refresh is one replay of the
+        recorded build and the products' CUDA graphs are kept (recorded at a
+        precision's first product after one eager one chose its kernels).
+        Otherwise the gradient graph (and any CUDA graphs) are dropped and
+        rebuilt at the next product.  False when the parameters' storage
+        moved: the caller makes a new operator."""
+        if self._graph.build_graph is None:
+            self._drop_captures()
+            self._eager.clear()
+        elif [p.data_ptr() for p in self.params] != self._graph.storage:
+            return False
+        return self._graph.refresh()
+
+    def _drop_captures(self) -> None:
+        if self._captured and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()   # no replay still reads the buffers
+        self._captured.clear()
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._graph.build()
@@ -531,10 +634,12 @@ class DoubleBackwardHessian(_DoubleBackward):
         """Products of the columns of V: eager for the first
         :data:`EAGER_BEFORE_CAPTURE` of this precision, then replayed."""
         key = self.precision
+        # a recorded gradient graph lives on: one eager product (its kernels) is enough before a capture
+        before = 1 if self._graph.build_graph is not None else EAGER_BEFORE_CAPTURE
         out = torch.empty_like(V)
         for j in range(V.shape[1]):
             entry = self._captured.get(key)
-            if entry is None and self._eager.get(key, 0) >= EAGER_BEFORE_CAPTURE:
+            if entry is None and self._eager.get(key, 0) >= before:
                 try:
                     entry = self._captured[key] = self._capture(V[:, j])
                 except RuntimeError as e:
@@ -559,9 +664,7 @@ class DoubleBackwardHessian(_DoubleBackward):
 
     def close(self) -> None:
         """Free the gradient graph and the CUDA graphs that replay products."""
-        if self._captured and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()   # no replay still reads the buffers
-        self._captured.clear()
+        self._drop_captures()
         self._eager.clear()
         super().close()
 
@@ -647,14 +750,14 @@ PRODUCTS: dict[str, type[HessianOperator]] = {cls.method: cls for cls in (
 
 def hessian_operator(method: str, loss_fn: LossFn, params: Sequence[torch.Tensor], *,
                      model: Optional[nn.Module] = None, precision: str = "float32",
-                     cuda_graphs: bool = False) -> HessianOperator:
+                     cuda_graphs: bool = False, resident: bool = False) -> HessianOperator:
     """The Hessian operator of product method ``method`` (:data:`PRODUCTS`);
-    ``cuda_graphs`` applies to the methods that can replay products and is
-    ignored by the others."""
+    ``cuda_graphs`` and ``resident`` apply to the methods that can replay
+    products and are ignored by the others."""
     cls = PRODUCTS.get(method)
     if cls is None:
         raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)}; got {method!r}")
-    options = {"cuda_graphs": cuda_graphs} if cls.CUDA_GRAPHS else {}
+    options = {"cuda_graphs": cuda_graphs, "resident": resident} if cls.CUDA_GRAPHS else {}
     return cls(loss_fn, params, model=model, precision=precision, **options)
 
 

@@ -40,7 +40,10 @@ Each eigenproblem is solved by block LOBPCG (:mod:`trainers.curvature.lobpcg`),
 warm-started from the previous probe's vectors.  The Hessian operator
 (:mod:`trainers.curvature.hessian`; method ``sharpness.hvp``) computes float32
 products and reuses one gradient graph per probe; on a GPU its products are
-replayed as CUDA graphs (``sharpness.cuda_graphs``).  On GPUs with TF32
+replayed as CUDA graphs (``sharpness.cuda_graphs``), and the operator is kept
+from one probe to the next while the loss closure stays the same
+(``sharpness.resident``): the gradient graph and the products are then
+replays of CUDA graphs recorded once (:meth:`SharpnessProbe._operator`).  On GPUs with TF32
 (``sharpness.search_precision: tf32``, the default) LOBPCG searches with the
 same operator at TF32 precision and the answer is checked with float32
 products (:func:`trainers.curvature.lobpcg.lobpcg_verified`): the reported λ
@@ -63,6 +66,7 @@ not part of the gradient and not of the probed curvature.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, Optional, Sequence, Union
@@ -151,6 +155,7 @@ class SharpnessProbe:
         self.counted: dict[str, int] = {}   # "plain" / "precond" -> eigenvalues above the cut at the last probe
         self.probes = 0
         self.critical_guess: Optional[float] = None   # the last η_c: the next line search starts there
+        self._kept = None   # ((loss_fn, model, params), resident operator) between probes (:meth:`_operator`)
 
     # --- state -----------------------------------------------------------
     def state_dict(self) -> dict:
@@ -304,7 +309,45 @@ class SharpnessProbe:
         """The Hessian operator a measurement solves with: method ``method``,
         float32 products, CUDA graphs as ``sharpness.cuda_graphs`` says (a
         subclass may wrap it, e.g. to time its products)."""
-        return hessian_operator(self.method, loss_fn, params, model=model, cuda_graphs=self.cfg.cuda_graphs)
+        return hessian_operator(self.method, loss_fn, params, model=model, cuda_graphs=self.cfg.cuda_graphs,
+                                resident=self.cfg.resident)
+
+    @contextlib.contextmanager
+    def _operator(self, loss_fn: LossFn, params: list[torch.Tensor], model: nn.Module):
+        """The Hessian operator of this measurement: the one kept from the
+        last probe, refreshed at the current parameters, when it is resident
+        and the measurement is of the same loss — the same closure (``==``),
+        model and parameters —, else a new one (:meth:`hessian`).  A resident
+        operator is kept after a measurement that did not raise; any other is
+        closed."""
+        kept, self._kept = self._kept, None
+        key = (loss_fn, model, params)
+        H0 = None
+        if kept is not None:
+            (old_fn, old_model, old_params), H = kept
+            same = (old_fn == loss_fn and old_model is model and len(old_params) == len(params)
+                    and all(a is b for a, b in zip(old_params, params)))
+            if same and H.refresh():
+                H0 = H
+            else:
+                H.close()
+        if H0 is None:
+            H0 = self.hessian(loss_fn, params, model)
+        ok = False
+        try:
+            yield H0
+            ok = True
+        finally:
+            if ok and H0.resident:
+                self._kept = (key, H0)
+            else:
+                H0.close()
+
+    def close(self) -> None:
+        """Free the Hessian operator kept between probes (``sharpness.resident``), if any."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept[1].close()
 
     def _critical(self, loss_fn: LossFn, params, lr: float, direction, wd: float, lambda_dir: float) -> dict:
         """``lambda_critical`` (2/η_c, null without a bracket) and
@@ -341,7 +384,7 @@ class SharpnessProbe:
         wd = coupled_weight_decay(self.optim_cfg)
         cols: dict = {c: None for c in COLUMNS}
         direction = None
-        with self.hessian(loss_fn, params, model) as H0:
+        with self._operator(loss_fn, params, model) as H0:
             H = Shifted(H0, wd) if wd else H0   # the update's curvature (module docstring)
             main: Optional[LOBPCGResult] = None
             check: Optional[float] = None

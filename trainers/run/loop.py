@@ -125,6 +125,7 @@ def train(cfg: RunConfig | dict, run_dir: str | os.PathLike, *, resume: bool = T
             checkpoint(trainer, run, log, row, on_checkpoint)
         report.after_step(trainer.step, row)
 
+    trainer.probing.close()   # the probe's resident operator (GPU memory)
     if row is None:
         # nothing trained here: resumed from the final checkpoint (a run killed
         # after it, before status.json said completed); the loss is the log's

@@ -24,7 +24,11 @@ starts carry over; at every probe the variant may reweight it to its current
 objective (``follow_objective``: ``adap_s``'s importance weights).  Each
 probe row records which batch it measured on (``hessian_batch_id``: 0 for
 the first, +1 at every redraw); at a change of objective the probe's warm
-start is dropped (the next solve is cold).
+start is dropped (the next solve is cold).  Within one objective the probe
+is handed the same loss closure at every probe, over tensors that keep
+their addresses (a redrawn or reweighted batch is copied into them:
+:meth:`Probing.held_loss`), so that a resident Hessian operator
+(``sharpness.resident``) can replay its recorded gradient graph.
 
 When the training objective is deterministic (``train.fixed_noise`` on a
 ``fixed`` or ``full`` batch, with a variant whose draw fixed noise fixes —
@@ -42,7 +46,7 @@ drawn by the variant's ``hessian_draw``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -74,6 +78,43 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def _fields(d: Draw) -> list[tuple[str, Any]]:
+    return ([(f, getattr(d, f)) for f in Draw.PER_EXAMPLE] + [("extra." + k, v) for k, v in sorted(d.extra.items())]
+            + [("shared." + k, v) for k, v in sorted(d.shared.items())])
+
+
+def _owned(d: Draw) -> Draw:
+    """``d`` with its own copy of every tensor (no view into a training batch)."""
+    own = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
+    return Draw(*(own(getattr(d, f)) for f in Draw.PER_EXAMPLE), {k: own(v) for k, v in d.extra.items()},
+                {k: own(v) for k, v in d.shared.items()})
+
+
+def _copy_into(dst: Draw, src: Draw) -> bool:
+    """Copy ``src``'s tensors into ``dst``'s, in place, when the two have the
+    same layout (False, nothing copied, when not)."""
+    a, b = _fields(dst), _fields(src)
+    if [n for n, _ in a] != [n for n, _ in b]:
+        return False
+    for (_, x), (_, y) in zip(a, b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if (x.shape, x.dtype, x.device) != (y.shape, y.dtype, y.device):
+                return False
+        elif x is not y:
+            try:
+                if not bool(x == y):
+                    return False
+            except Exception:   # a value without a truth value of ==
+                return False
+    with torch.no_grad():
+        for (_, x), (_, y) in zip(a, b):
+            if isinstance(x, torch.Tensor) and x is not y:
+                x.copy_(y)
+    return True
+
+
 class Probing:
     """Owns the run's :class:`SharpnessProbe` (None with ``sharpness.every: 0``),
     its cadence and its frozen Hessian batch.
@@ -94,6 +135,7 @@ class Probing:
         self._objective: Optional[int] = None   # the variant's objective_id when the batch was drawn
         self._objective_changed = False         # the probe's warm start is due a reset
         self.hessian_batch_id = 0               # redraws of the Hessian batch so far
+        self._held: Optional[tuple] = None      # (model, draw, its loss closure) of the last probe (:meth:`held_loss`)
 
     # --- what the loop asks -------------------------------------------------
     def threshold(self, lr: float) -> float:
@@ -123,7 +165,8 @@ class Probing:
         if self._objective_changed:
             self.probe.reset_warm_start()
             self._objective_changed = False
-        hessian_loss = self.loss(model, draw)
+            self._held = None
+        hessian_loss = self.held_loss(model, draw)
         if not self.cfg.sharpness.batch_sharpness:
             with probe_mode(model):
                 cols = self.probe.measure(model, hessian_loss, optimizer, lr, grads=grads)
@@ -245,6 +288,30 @@ class Probing:
     def loss(self, model: torch.nn.Module, draw: Draw) -> LossFn:
         """The mean loss of ``model`` on the fixed ``draw``, as a zero-argument closure."""
         return lambda: self.variant.loss(model, draw).mean()
+
+    def held_loss(self, model: torch.nn.Module, draw: Draw) -> LossFn:
+        """The Hessian loss on ``draw`` (:meth:`loss`), as the same closure
+        from one probe to the next within one objective: ``draw``'s values are
+        copied into the tensors the last probe's closure reads when they have
+        the same fields, shapes, dtypes and devices (and the same non-tensor
+        ``shared`` values), so that the probe's resident Hessian operator
+        (``sharpness.resident``) replays what it recorded on them; otherwise
+        (the first probe, a new objective) a new closure over copies of
+        ``draw``'s tensors.  The variant's loss must be a function of the
+        model and the draw alone (adap_s's current weights are in the draw)."""
+        held = self._held
+        if held is not None and held[0] is model and _copy_into(held[1], draw):
+            return held[2]
+        own = _owned(draw)
+        fn = self.loss(model, own)
+        self._held = (model, own, fn)
+        return fn
+
+    def close(self) -> None:
+        """Free what the probe keeps between probes (its resident Hessian operator)."""
+        self._held = None
+        if self.probe is not None:
+            self.probe.close()
 
     def deterministic_objective(self) -> bool:
         """Fixed/full batch with fixed noise (and a variant whose draw that
