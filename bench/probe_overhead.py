@@ -9,10 +9,14 @@ training batch = Hessian batch), :class:`~bench.common.Problem` trains
 
 and prints the median wall time of a step of each (the first ``--skip`` of
 each segment left out: the cold solve and the CUDA-graph captures), their
-ratio to a plain step, and Hessian-vector products per probe.  The settings:
+ratio to a plain step, Hessian-vector products per probe and the peak GPU memory of each segment.
+The settings:
 
 * ``precond``: λ₁(P⁻¹H) only (``sharpness.plain_lambda: false``), the defaults otherwise;
 * ``both``: λ₁(P⁻¹H) and λ₁(H), the defaults users get;
+* ``precond-per-probe``: ``precond`` with the Hessian operator made anew at
+  every probe (``sharpness.resident: false``: gradient graph built and CUDA
+  graphs recorded per probe), the default before the resident operator;
 * ``counted``: both, with up to 8 eigenvalues above 0.75 × threshold counted
   (``sharpness.above_cap: 8``);
 * ``lobpcg``: both, with the previous warm solver (``sharpness.solver: lobpcg``:
@@ -47,6 +51,7 @@ from trainers.curvature.thresholds import adam_preconditioner
 SETTINGS = {
     "precond": {"plain_lambda": False},
     "both": {},
+    "precond-per-probe": {"plain_lambda": False, "resident": False},   # the operator rebuilt at every probe
     "lobpcg": {"solver": "lobpcg"},
     "counted": {"above_cap": 8},
 }
@@ -124,6 +129,13 @@ class CountedHessian(CurvatureOperator):
     def gradient(self):
         return self.H.gradient()
 
+    @property
+    def resident(self) -> bool:
+        return self.H.resident
+
+    def refresh(self) -> bool:
+        return self.H.refresh()
+
     def close(self) -> None:
         self.H.close()
 
@@ -139,6 +151,17 @@ class CountedProbe(SharpnessProbe):
 
 # ---------------------------------------------------------------------------
 # the run
+
+
+def peak_memory(device, reset: bool = False) -> str:
+    """The peak GPU memory allocated since the last reset, in GiB ("—" on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return "—"
+    if reset:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return ""
+    return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}"
 
 
 @dataclass
@@ -210,6 +233,7 @@ def main(argv=None) -> dict:
                        data=args.data, lr=args.lr, overrides=args.set)
     pb = Problem(cfg)
     plain = Segment("plain")
+    peak_memory(pb.device, reset=True)
     for _ in range(args.steps):
         timed_step(pb, seg=plain)
     log(f"plain: median step {statistics.median(plain.step_s[args.skip:]) * 1e3:.1f} ms")
@@ -217,25 +241,30 @@ def main(argv=None) -> dict:
         return statistics.median(xs) if xs else float("nan")
 
     base = med(plain.step_s[args.skip:])
+    plain_peak = peak_memory(pb.device)
     print(f"# probe overhead: preset {args.preset} ({pb.n:,} parameters), batch {args.batch} = Hessian batch, "
           f"{args.image_size}x{args.image_size}, {device_name(pb.device)}, torch {torch.__version__}, "
           f"data {args.data or 'synthetic'}, Adam lr {args.lr}, {time.strftime('%Y-%m-%d')}")
     print(f"# {args.steps} steps per segment, medians of steps >= {args.skip}; overrides: {args.set or 'none'}")
     print()
     print("| setting | step ms | × plain step | products per probe | λ₁(P⁻¹H) err: median / max / ≤1e-3 "
-          "| λ₁(H) err: median / max / ≤1e-3 | residual median | TF32 check median | n_above mean / max |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — | — |", flush=True)
+          "| λ₁(H) err: median / max / ≤1e-3 | residual median | TF32 check median | n_above mean / max "
+          "| peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — | — | {plain_peak} |", flush=True)
     summary = {"plain_ms": base * 1e3, "settings": {}}
     for name in names:   # each setting's row is printed as soon as it is measured
         run_cfg = run_config(merge(cfg.to_dict(), {"sharpness": SETTINGS[name]}))
         probe = CountedProbe(run_cfg.sharpness, run_cfg.optim)
         seg = Segment(name)
+        peak_memory(pb.device, reset=True)
         checked = check_steps(args.skip, args.steps, args.checks if name in args.check_settings.split(",") else 0)
         for i in range(args.steps):
             before = probe.counter[0]
             timed_step(pb, probe, check=i in checked, seg=seg)
             seg.products.append(probe.counter[0] - before)
+        memory = peak_memory(pb.device)
+        probe.close()   # its resident operator's memory
         t = med(seg.step_s[args.skip:])
         prods = statistics.fmean(seg.products[args.skip:]) if seg.products[args.skip:] else float("nan")
 
@@ -252,7 +281,7 @@ def main(argv=None) -> dict:
         counted = [a for a in seg.above[args.skip:] if a is not None]
         above = f"{statistics.fmean(counted):.1f} / {max(counted)}" if counted else "—"
         print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} | {ep} | {eh} | {res:.1e} | {chk} "
-              f"| {above} |", flush=True)
+              f"| {above} | {memory} |", flush=True)
         summary["settings"][seg.name] = {"step_ms": t * 1e3, "ratio": t / base, "products": prods,
                                          "within_precond": wp, "within_plain": wh,
                                          "errors": seg.errors, "residual": res, "n_above": counted}
