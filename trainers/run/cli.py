@@ -63,7 +63,7 @@ def load_config_file(path: str) -> dict:
 
 
 #: measured cost of the built-in default trial (bench/RESULTS.md, "default single trial")
-DEFAULT_TRIAL_COST = ("on a 2-core CPU: first step after ~8 s, done in ~1.5 min "
+DEFAULT_TRIAL_COST = ("on a 2-core CPU: first step after ~8 s, done in about 1-1.5 min "
                       "(more when the machine is busy)")
 
 
