@@ -113,7 +113,8 @@ def reference_lambdas(pb: Problem, tol: float = 1e-6, seed: int = 0) -> dict:
 
 
 class CountedHessian(CurvatureOperator):
-    """The probe's Hessian operator, its products (every precision) counted."""
+    """The probe's Hessian operator, its products counted: ``counter[0]`` all of
+    them, ``counter[1]`` those at float32 precision (the rest are TF32)."""
 
     def __init__(self, H: HessianOperator, counter: list):
         super().__init__(H.n, H.dtype, H.device)
@@ -121,6 +122,8 @@ class CountedHessian(CurvatureOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self.counter[0] += V.shape[1]
+        if getattr(self.H, "precision", "float32") == "float32":
+            self.counter[1] += V.shape[1]
         return self.H(V)
 
     def at(self, precision: str) -> "CountedHessian":
@@ -143,7 +146,7 @@ class CountedHessian(CurvatureOperator):
 class CountedProbe(SharpnessProbe):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.counter = [0]
+        self.counter = [0, 0]   # products, of them float32
 
     def hessian(self, loss_fn, params, model) -> CountedHessian:
         return CountedHessian(super().hessian(loss_fn, params, model), self.counter)
@@ -169,6 +172,7 @@ class Segment:
     name: str
     step_s: list = field(default_factory=list)
     products: list = field(default_factory=list)
+    exact: list = field(default_factory=list)   # float32 products per probe
     errors: dict = field(default_factory=lambda: {"lambda_max": [], "lambda_precond": []})
     residuals: list = field(default_factory=list)
     checks: list = field(default_factory=list)
@@ -247,7 +251,7 @@ def main(argv=None) -> dict:
           f"data {args.data or 'synthetic'}, Adam lr {args.lr}, {time.strftime('%Y-%m-%d')}")
     print(f"# {args.steps} steps per segment, medians of steps >= {args.skip}; overrides: {args.set or 'none'}")
     print()
-    print("| setting | step ms | × plain step | products per probe | λ₁(P⁻¹H) err: median / max / ≤1e-3 "
+    print("| setting | step ms | × plain step | products per probe (float32) | λ₁(P⁻¹H) err: median / max / ≤1e-3 "
           "| λ₁(H) err: median / max / ≤1e-3 | residual median | TF32 check median | n_above mean / max "
           "| peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -260,13 +264,15 @@ def main(argv=None) -> dict:
         peak_memory(pb.device, reset=True)
         checked = check_steps(args.skip, args.steps, args.checks if name in args.check_settings.split(",") else 0)
         for i in range(args.steps):
-            before = probe.counter[0]
+            before, exact = probe.counter
             timed_step(pb, probe, check=i in checked, seg=seg)
             seg.products.append(probe.counter[0] - before)
+            seg.exact.append(probe.counter[1] - exact)
         memory = peak_memory(pb.device)
         probe.close()   # its resident operator's memory
         t = med(seg.step_s[args.skip:])
         prods = statistics.fmean(seg.products[args.skip:]) if seg.products[args.skip:] else float("nan")
+        exact = statistics.fmean(seg.exact[args.skip:]) if seg.exact[args.skip:] else float("nan")
 
         def err(key):
             e = seg.errors[key]
@@ -280,9 +286,9 @@ def main(argv=None) -> dict:
         chk = f"{med(seg.checks):.1e}" if seg.checks else "—"
         counted = [a for a in seg.above[args.skip:] if a is not None]
         above = f"{statistics.fmean(counted):.1f} / {max(counted)}" if counted else "—"
-        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} | {ep} | {eh} | {res:.1e} | {chk} "
+        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} ({exact:.1f}) | {ep} | {eh} | {res:.1e} | {chk} "
               f"| {above} | {memory} |", flush=True)
-        summary["settings"][seg.name] = {"step_ms": t * 1e3, "ratio": t / base, "products": prods,
+        summary["settings"][seg.name] = {"step_ms": t * 1e3, "ratio": t / base, "products": prods, "float32_products": exact,
                                          "within_precond": wp, "within_plain": wh,
                                          "errors": seg.errors, "residual": res, "n_above": counted}
     return summary

@@ -10,7 +10,9 @@ wall time of each ``measure`` into
 * **products**: Hessian-vector products (the second backward passes, TF32 or
   float32), timed around each operator call;
 * **graph**: building the gradient graph the products reuse (one forward and
-  one backward with ``create_graph``), once per probe;
+  one backward with ``create_graph``), once per probe; for the resident
+  operator (``sharpness.resident``, CUDA graphs) its refresh, the replay of
+  the recorded build;
 * **rest**: everything else in the probe — LOBPCG's small dense algebra,
   orthogonalisation, host synchronisations, the preconditioner, copies.
 
@@ -86,6 +88,18 @@ class TimedHessian(CurvatureOperator):
         view = TimedHessian(self.H.at(precision), self.timer)
         view._prepared = self._prepared
         return view
+
+    @property
+    def resident(self) -> bool:
+        return self.H.resident
+
+    def refresh(self) -> bool:
+        """A resident operator brought to the current parameters (its recorded
+        gradient-graph build replayed): timed as a graph build."""
+        with self.timer.part("graph"):
+            ok = self.H.refresh()
+        self._prepared = ok
+        return ok
 
     def close(self) -> None:
         self.H.close()
