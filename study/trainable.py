@@ -148,6 +148,33 @@ def step_metrics(row: Optional[dict], steps_done: int, *, status: str, objective
     return metrics
 
 
+#: share of its GPU slice a trial's allocator leaves free: the CUDA context and libraries of each process sharing
+#: the GPU live outside PyTorch's allocator
+GPU_MEMORY_HEADROOM = 0.04
+
+
+def cap_gpu_memory(gpu: float, device) -> Optional[float]:
+    """Limit PyTorch's allocator in a trial that holds ``gpu`` < 1 of a GPU to
+    that share of the device's memory, less :data:`GPU_MEMORY_HEADROOM`
+    (``torch.cuda.set_per_process_memory_fraction``).  At the limit the
+    caching allocator first frees what the trial itself holds cached but
+    unused, and retries, before it raises out-of-memory: without the limit a
+    trial keeps every block its probe once needed, and trials packed on one GPU
+    ran out of memory while most of it was other trials' cache
+    (bench/RESULTS.md, "The paper preset at 4 trials per GPU").  Returns the
+    fraction set, or None (a whole GPU or more, or a device that is not CUDA).
+    """
+    import torch
+
+    device = torch.device(device)
+    if not 0 < gpu < 1 or device.type != "cuda":
+        return None
+    fraction = gpu * (1 - GPU_MEMORY_HEADROOM)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
+
+
 def run_trial(config: dict, plan: TrialPlan) -> None:
     """Tune entry point: ``config`` holds ``variant``, ``lr`` and ``seed``."""
     import torch
@@ -155,7 +182,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 
     from trainers.config import ConfigError
     from analysis.metrics import opening_steps
-    from trainers.run.loop import train
+    from trainers.run.loop import resolve_device, train
     from trainers.run.preflight import check_run_inputs
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per checkpoint
@@ -165,6 +192,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     run = layout.prepare_run_dir(key.variant, key.trial_id)
     cfg = spec.run_config(key.variant, key.lr, key.seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))
+    if torch.cuda.is_available() and cfg.train.device != "cpu":   # a GPU slice: its share of the memory
+        cap_gpu_memory(spec.resources.gpu, resolve_device(cfg.train.device))
     restore_checkpoint(tune.get_checkpoint(), run)   # a study of an earlier version (module docstring)
 
     monitor = DivergenceMonitor(spec.early_stop, opening=opening_steps(cfg.to_dict()))
