@@ -47,7 +47,7 @@ def test_the_readme_says_how_to_activate_and_what_the_install_and_tests_cost():
     assert "source .venv/bin/activate" in readme
     assert "about 6 GB, even on a machine without a GPU" in readme
     assert "https://download.pytorch.org/whl/cpu" in readme
-    assert "the whole suite takes about 11 minutes on a 2-core CPU" in readme
+    assert "the whole suite takes about 18 minutes on a 2-core CPU" in readme
     assert ".venv/bin/eos study run study/presets/smoke.yaml --resume && .venv/bin/eos report results/smoke" in readme
 
 
