@@ -158,11 +158,10 @@ def cap_gpu_memory(gpu: float, device) -> Optional[float]:
     that share of the device's memory, less :data:`GPU_MEMORY_HEADROOM`
     (``torch.cuda.set_per_process_memory_fraction``).  At the limit the
     caching allocator first frees what the trial itself holds cached but
-    unused, and retries, before it raises out-of-memory: without the limit a
-    trial keeps every block its probe once needed, and trials packed on one GPU
-    ran out of memory while most of it was other trials' cache
-    (bench/RESULTS.md, "The paper preset at 4 trials per GPU").  Returns the
-    fraction set, or None (a whole GPU or more, or a device that is not CUDA).
+    unused, and retries, before it raises out-of-memory; without a limit a
+    trial's cache keeps every block its probe once needed, memory the other
+    trials on the GPU cannot use.  Returns the fraction set, or None (a whole
+    GPU or more, or a device that is not CUDA).
     """
     import torch
 
