@@ -264,10 +264,10 @@ def main(argv=None) -> dict:
         peak_memory(pb.device, reset=True)
         checked = check_steps(args.skip, args.steps, args.checks if name in args.check_settings.split(",") else 0)
         for i in range(args.steps):
-            before, exact = probe.counter
+            before, before_exact = probe.counter
             timed_step(pb, probe, check=i in checked, seg=seg)
             seg.products.append(probe.counter[0] - before)
-            seg.exact.append(probe.counter[1] - exact)
+            seg.exact.append(probe.counter[1] - before_exact)
         memory = peak_memory(pb.device)
         probe.close()   # its resident operator's memory
         t = med(seg.step_s[args.skip:])
