@@ -3,6 +3,7 @@
 In one process, on the project's own Trainer (``base`` variant, Adam,
 training batch = Hessian batch), :class:`~bench.common.Problem` trains
 
+0. ``--warmup`` untimed steps (the probe's cost past the first steps of a run),
 1. ``--steps`` plain steps (no probe), then
 2. for each probe setting in ``--settings``, ``--steps`` more steps with the
    probe measuring before every update, as the training loop does —
@@ -19,16 +20,22 @@ The settings:
   graphs recorded per probe), the default before the resident operator;
 * ``counted``: both, with up to 8 eigenvalues above 0.75 × threshold counted
   (``sharpness.above_cap: 8``);
+* ``precond-verify1``, ``precond-verify10``, ``both-verify1``, ``both-verify10``:
+  λ₁ checked with float32 products at every probe or every 10th
+  (``sharpness.verify_every``; the others report the TF32 value corrected by
+  the last check);
 * ``lobpcg``: both, with the previous warm solver (``sharpness.solver: lobpcg``:
   LOBPCG from the last vectors, every answer checked with float32 products).
 
 At ``--checks`` probed steps of each setting in ``--check-settings``
-(evenly spaced), before the update, an independent reference solves both operators: scipy's ARPACK (``eigsh``,
+(evenly spaced), after the probe and before the update, an independent reference solves the operators the
+probe measured: scipy's ARPACK (``eigsh``,
 ``which='LA'``, ``tol`` 1e-6) over a plain double-backward Hessian-vector
 product written here (``torch.autograd.grad`` twice, float32 arithmetic,
 TF32 off, none of the project's operators), started from a random vector.
 The table gives the relative error of the probe's λ at those steps and the
-share within 1e-3.  Reference solves are not timed.
+share within 1e-3, and apart the largest error at checked steps whose probe
+did not check its λ with float32 products (``sharpness.verify_every``).  Reference solves are not timed.
 
     python -m bench.probe_overhead --preset small --batch 128 --device cuda --data .devdata/cifar10-5k-train.npz --steps 20
 """
@@ -54,6 +61,10 @@ SETTINGS = {
     "precond-per-probe": {"plain_lambda": False, "resident": False},   # the operator rebuilt at every probe
     "lobpcg": {"solver": "lobpcg"},
     "counted": {"above_cap": 8},
+    "precond-verify1": {"plain_lambda": False, "verify_every": 1},   # every probe's λ float32-checked
+    "precond-verify10": {"plain_lambda": False, "verify_every": 10},
+    "both-verify1": {"verify_every": 1},
+    "both-verify10": {"verify_every": 10},
 }
 
 
@@ -61,8 +72,10 @@ SETTINGS = {
 # the independent reference
 
 
-def reference_lambdas(pb: Problem, tol: float = 1e-6, seed: int = 0) -> dict:
-    """λ₁(H) and λ₁(P^{-1/2} H P^{-1/2}) by ARPACK over a plain double-backward HVP."""
+def reference_lambdas(pb: Problem, tol: float = 1e-6, seed: int = 0,
+                      keys: tuple = ("lambda_max", "lambda_precond")) -> dict:
+    """λ₁(H) (``lambda_max``) and λ₁(P^{-1/2} H P^{-1/2}) (``lambda_precond``),
+    those named in ``keys``, by ARPACK over a plain double-backward HVP."""
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
@@ -92,7 +105,7 @@ def reference_lambdas(pb: Problem, tol: float = 1e-6, seed: int = 0) -> dict:
         rng = np.random.default_rng(seed)
         out, t0, calls = {}, time.perf_counter(), [0]
         for key, scale in (("lambda_max", None), ("lambda_precond", d)):
-            if key == "lambda_precond" and scale is None:
+            if key not in keys or (key == "lambda_precond" and scale is None):
                 continue
             def matvec(v, s=scale):
                 calls[0] += 1
@@ -174,19 +187,26 @@ class Segment:
     products: list = field(default_factory=list)
     exact: list = field(default_factory=list)   # float32 products per probe
     errors: dict = field(default_factory=lambda: {"lambda_max": [], "lambda_precond": []})
+    unchecked: list = field(default_factory=list)   # errors of the main λ at probes without a float32 check
     residuals: list = field(default_factory=list)
     checks: list = field(default_factory=list)
     above: list = field(default_factory=list)   # n_above per probe (None: not counted)
 
 
 def timed_step(pb: Problem, probe=None, check: bool = False, seg: Segment = None):
-    ref = reference_lambdas(pb) if check else None
     sync(pb.device)
     t0 = time.perf_counter()
     cols = probe.measure(pb.model, pb.loss, pb.optimizer, pb.lr) if probe is not None else None
-    pb.train_step()
     sync(pb.device)
     dt = time.perf_counter() - t0
+    # the reference (untimed) at the same parameters, of the operators the probe measured
+    ref = reference_lambdas(pb, keys=tuple(k for k in ("lambda_max", "lambda_precond") if cols.get(k) is not None)) \
+        if check and cols is not None else None
+    sync(pb.device)
+    t0 = time.perf_counter()
+    pb.train_step()
+    sync(pb.device)
+    dt += time.perf_counter() - t0
     if seg is not None:
         seg.step_s.append(dt)
         if cols is not None:
@@ -198,6 +218,9 @@ def timed_step(pb: Problem, probe=None, check: bool = False, seg: Segment = None
             for key, val in ref.items():
                 if cols.get(key) is not None:
                     seg.errors[key].append(abs(cols[key] - val) / abs(val))
+            solved = "lambda_precond" if cols.get("lambda_precond") is not None else "lambda_max"
+            if cols.get("eig_check") is None and solved in ref and seg.errors[solved]:
+                seg.unchecked.append(seg.errors[solved][-1])
             log(f"{seg.name} step {pb.step - 1}: probe {cols['lambda_precond']} / {cols['lambda_max']}, "
                 f"errors {[round(seg.errors[k][-1], 7) for k in ref if seg.errors[k]]}, {cols['eig_hvps']} products")
     return cols
@@ -220,6 +243,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data", default=None, help="npz file of uint8 images (default: synthetic)")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup", type=int, default=0, help="untimed training steps before the first segment "
+                                                          "(measures a run past its first steps)")
     ap.add_argument("--steps", type=int, default=30, help="steps per segment")
     ap.add_argument("--skip", type=int, default=5, help="first steps of each segment left out of the medians")
     ap.add_argument("--checks", type=int, default=5, help="reference solves per checked setting, evenly spaced "
@@ -236,6 +261,10 @@ def main(argv=None) -> dict:
     cfg = bench_config(preset=args.preset, image_size=args.image_size, batch=args.batch, device=args.device,
                        data=args.data, lr=args.lr, overrides=args.set)
     pb = Problem(cfg)
+    for i in range(args.warmup):
+        pb.train_step()
+        if (i + 1) % 100 == 0 or i + 1 == args.warmup:
+            log(f"warm-up: {i + 1} of {args.warmup} steps")
     plain = Segment("plain")
     peak_memory(pb.device, reset=True)
     for _ in range(args.steps):
@@ -249,13 +278,13 @@ def main(argv=None) -> dict:
     print(f"# probe overhead: preset {args.preset} ({pb.n:,} parameters), batch {args.batch} = Hessian batch, "
           f"{args.image_size}x{args.image_size}, {device_name(pb.device)}, torch {torch.__version__}, "
           f"data {args.data or 'synthetic'}, Adam lr {args.lr}, {time.strftime('%Y-%m-%d')}")
-    print(f"# {args.steps} steps per segment, medians of steps >= {args.skip}; overrides: {args.set or 'none'}")
+    print(f"# {args.warmup} untimed steps first, {args.steps} steps per segment, medians of steps >= {args.skip}; overrides: {args.set or 'none'}")
     print()
     print("| setting | step ms | × plain step | products per probe (float32) | λ₁(P⁻¹H) err: median / max / ≤1e-3 "
-          "| λ₁(H) err: median / max / ≤1e-3 | residual median | TF32 check median | n_above mean / max "
-          "| peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — | — | {plain_peak} |", flush=True)
+          "| λ₁(H) err: median / max / ≤1e-3 | of them unchecked: max (n) | residual median | TF32 check median "
+          "| n_above mean / max | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| plain step | {base * 1e3:.1f} | 1.00 | — | — | — | — | — | — | — | {plain_peak} |", flush=True)
     summary = {"plain_ms": base * 1e3, "settings": {}}
     for name in names:   # each setting's row is printed as soon as it is measured
         run_cfg = run_config(merge(cfg.to_dict(), {"sharpness": SETTINGS[name]}))
@@ -286,11 +315,13 @@ def main(argv=None) -> dict:
         chk = f"{med(seg.checks):.1e}" if seg.checks else "—"
         counted = [a for a in seg.above[args.skip:] if a is not None]
         above = f"{statistics.fmean(counted):.1f} / {max(counted)}" if counted else "—"
-        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} ({exact:.1f}) | {ep} | {eh} | {res:.1e} | {chk} "
-              f"| {above} | {memory} |", flush=True)
+        unchecked = f"{max(seg.unchecked):.1e} ({len(seg.unchecked)})" if seg.unchecked else "— (0)"
+        print(f"| {seg.name} | {t * 1e3:.1f} | {t / base:.2f} | {prods:.1f} ({exact:.1f}) | {ep} | {eh} | {unchecked} "
+              f"| {res:.1e} | {chk} | {above} | {memory} |", flush=True)
         summary["settings"][seg.name] = {"step_ms": t * 1e3, "ratio": t / base, "products": prods, "float32_products": exact,
                                          "within_precond": wp, "within_plain": wh,
-                                         "errors": seg.errors, "residual": res, "n_above": counted}
+                                         "errors": seg.errors, "unchecked_errors": seg.unchecked, "residual": res,
+                                         "n_above": counted}
     return summary
 
 
