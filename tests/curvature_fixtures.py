@@ -160,3 +160,24 @@ class TinyDenoiser(nn.Module):
     def forward(self, x, t):
         h = self.conv_in(x) + self.temb(timestep_embedding(t, 4).to(x.dtype))[:, :, None, None]
         return self.conv_out(F.silu(self.norm(h)))
+
+
+def cuda_tiny_unet():
+    """The ``tiny`` U-Net on the GPU (16 px, eval mode, attention by the
+    double-differentiable path) and its ε-prediction loss on a fixed batch of
+    four: (model, trainable parameters, loss closure)."""
+    from trainers.curvature.hessian import trainable_parameters
+    from trainers.diffusion.unet import build_unet
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = build_unet("tiny", 16, 3, dropout=0.0).to(device).eval()
+    model.set_fused_attention(False)
+    x = torch.randn(4, 3, 16, 16, device=device)
+    t = torch.tensor([10.0, 200.0, 500.0, 900.0], device=device)
+    eps = torch.randn_like(x)
+
+    def loss():
+        return ((model(x, t) - eps) ** 2).mean()
+    return model, trainable_parameters(model), loss
+

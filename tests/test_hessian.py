@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from curvature_fixtures import unet_blocks_problem, MLP, TinyConvNet, TinyUNetLike, dense_hessian, randomize
+from curvature_fixtures import (unet_blocks_problem, MLP, TinyConvNet, TinyUNetLike, cuda_tiny_unet, dense_hessian,
+                                randomize)
 from trainers.config import HVP_METHODS as METHODS, ConfigError
 from trainers.curvature.hessian import (PRODUCTS, Diagonal, DoubleBackwardHessian, ForwardOverReverseHessian,
                                         HessianOperator, flatten, gradient, hessian_operator, hessian_vector_product,
@@ -296,19 +297,8 @@ def test_cuda_graph_products_equal_plain_products_on_the_gpu():
     with attention, GroupNorm and the fast convolution double backward), for
     the TF32 and the float32 precision, and after many replays; a TF32 view
     of a graphed operator captures its own graph."""
-    from trainers.diffusion.unet import build_unet
-
-    torch.manual_seed(0)
     device = torch.device("cuda")
-    model = build_unet("tiny", 16, 3, dropout=0.0).to(device).eval()
-    model.set_fused_attention(False)
-    params = trainable_parameters(model)
-    x = torch.randn(4, 3, 16, 16, device=device)
-    t = torch.tensor([10.0, 200.0, 500.0, 900.0], device=device)
-    eps = torch.randn_like(x)
-
-    def loss():
-        return ((model(x, t) - eps) ** 2).mean()
+    model, params, loss = cuda_tiny_unet()
     n = sum(p.numel() for p in params)
     V = torch.randn(n, 3, device=device, generator=torch.Generator(device).manual_seed(0))
     for precision in ("float32", "tf32"):

@@ -10,7 +10,7 @@ on a GPU, that a refreshed resident operator's products and a training run's
 import pytest
 import torch
 
-from curvature_fixtures import MLP, randomize, unet_blocks_problem
+from curvature_fixtures import MLP, cuda_tiny_unet, randomize, unet_blocks_problem
 from trainers.config import OptimConfig, SharpnessConfig
 from trainers.curvature.hessian import CurvatureOperator, DoubleBackwardHessian, flatten, trainable_parameters
 from trainers.curvature.probe import SharpnessProbe
@@ -287,19 +287,8 @@ def test_a_refreshed_resident_operator_gives_a_new_operators_products_on_the_gpu
     the products of an operator made anew at the new parameters, in float32
     and TF32, with the products' CUDA graphs kept from the second refresh on;
     a parameter whose storage moved makes the refresh return False."""
-    from trainers.diffusion.unet import build_unet
-
-    torch.manual_seed(0)
     device = torch.device("cuda")
-    model = build_unet("tiny", 16, 3, dropout=0.0).to(device).eval()
-    model.set_fused_attention(False)
-    params = trainable_parameters(model)
-    x = torch.randn(4, 3, 16, 16, device=device)
-    t = torch.tensor([10.0, 200.0, 500.0, 900.0], device=device)
-    eps = torch.randn_like(x)
-
-    def loss():
-        return ((model(x, t) - eps) ** 2).mean()
+    model, params, loss = cuda_tiny_unet()
     n = sum(p.numel() for p in params)
     V = torch.randn(n, 3, device=device, generator=torch.Generator(device).manual_seed(0))
     op = DoubleBackwardHessian(loss, params, model=model, cuda_graphs=True, resident=True)
