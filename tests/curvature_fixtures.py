@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from trainers.curvature.hessian import CurvatureOperator
 from trainers.diffusion.unet import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
 
 
@@ -181,3 +182,32 @@ def cuda_tiny_unet():
         return ((model(x, t) - eps) ** 2).mean()
     return model, trainable_parameters(model), loss
 
+
+class BiasedTF32(CurvatureOperator):
+    """A Hessian operator whose TF32 products are the float32 ones times
+    ``factor``: on the CPU (no TF32) a stand-in for the systematic rounding
+    of TF32 products, with a known size."""
+
+    def __init__(self, H, factor: float, precision: str = "float32"):
+        super().__init__(H.n, H.dtype, H.device)
+        self.H, self.factor, self.precision = H, factor, precision
+
+    def _matmat(self, V):
+        out = self.H(V)
+        return out * self.factor if self.precision == "tf32" else out
+
+    def at(self, precision):
+        return BiasedTF32(self.H, self.factor, precision)
+
+    def gradient(self):
+        return self.H.gradient()
+
+    @property
+    def resident(self):
+        return False
+
+    def refresh(self):
+        return self.H.refresh()
+
+    def close(self):
+        self.H.close()

@@ -129,6 +129,29 @@ def test_resumed_probed_run_equals_an_uninterrupted_one(tmp_path):
     assert_same_rows(rows(tmp_path / "straight"), rows(tmp_path / "resumed"), 8)
 
 
+def test_resumed_run_keeps_the_tf32_offset_of_its_last_float32_check(tmp_path, monkeypatch):
+    """The TF32 search path, forced on the CPU with TF32 products 0.4 % low
+    (curvature_fixtures.BiasedTF32), λ₁ float32-checked at every 3rd probe:
+    the probe at step 4 is not checked and reports the TF32 λ times the
+    offset of the check at step 0, which a resume from the checkpoint at
+    step 3 must restore — every row equals the uninterrupted run's."""
+    import trainers.curvature.probe as sharpness
+    from curvature_fixtures import BiasedTF32
+
+    hessian = sharpness.SharpnessProbe.hessian
+    monkeypatch.setattr(sharpness, "has_tf32", lambda device: True)
+    monkeypatch.setattr(sharpness.SharpnessProbe, "hessian",
+                        lambda self, *args: BiasedTF32(hessian(self, *args), 1 - 4e-3))
+    cfg = probed(sharpness={"verify_every": 3, "max_iters": 100})
+    train(cfg, tmp_path / "straight")
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "resumed", on_step=crash_at(5))
+    train(cfg, tmp_path / "resumed")
+    a, b = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert a["eig_check"].notna().tolist() == [s in (0, 6) for s in range(8)]
+    assert_same_rows(a, b, 8)
+
+
 # ---------------------------------------------------------------------------
 # 17.7: a kill after the final checkpoint
 

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from curvature_fixtures import (unet_blocks_problem, MLP, Quadratic, TinyUNetLike, dense_gradient, dense_hessian, randomize,
+from curvature_fixtures import (BiasedTF32, unet_blocks_problem, MLP, Quadratic, TinyUNetLike, dense_gradient, dense_hessian, randomize,
                                 symmetric_with_spectrum, top_eigenvalues)
 from trainers.config import OptimConfig, SharpnessConfig
 from trainers.run.optimizers import build_optimizer
@@ -378,6 +378,106 @@ def test_tf32_search_is_checked_in_float32(monkeypatch, tol):
     assert abs(forced["lambda_max"] - true) <= max(10 * tol ** 2, 1e-9) * true
     if tol >= sharpness.TF32_SEARCH_TOL:   # the search reaches tol itself: one more product, the check
         assert forced["eig_hvps"] == cols["float32", False]["eig_hvps"] + 1
+
+
+class _BiasedProbe(SharpnessProbe):
+    factor = 1.0
+
+    def hessian(self, loss_fn, params, model):
+        return BiasedTF32(super().hessian(loss_fn, params, model), self.factor)
+
+
+def test_unchecked_tf32_probes_are_corrected_by_the_last_float32_check(monkeypatch):
+    """With ``verify_every`` 3, probes 0, 3, 6 are checked with float32
+    products (eig_check ≈ the TF32 products' 0.4 % bias) and the others
+    report the TF32 λ₁ times the last check's λ_float32/λ_TF32: every probe's
+    λ₁ is within 1e-4 of the dense Hessian's, where the TF32 value alone is
+    0.4 % off.  The correction survives a state_dict round trip (a resume)."""
+    import trainers.curvature.probe as sharpness
+
+    monkeypatch.setattr(sharpness, "has_tf32", lambda device: True)
+    model, loss = _mlp(seed=3)
+    ocfg = OptimConfig(name="gd", lr=0.05)
+    opt = build_optimizer(ocfg, model.parameters())
+    factor = 1 - 4e-3
+    cfg = SharpnessConfig(verify_every=3, tol=1e-3)
+    probe = _BiasedProbe(cfg, ocfg)
+    probe.factor = factor
+    for step in range(8):
+        if step == 5:   # a resumed run: a new probe from the saved state
+            state = probe.state_dict()
+            probe = _BiasedProbe(cfg, ocfg)
+            probe.factor = factor
+            probe.load_state_dict(state)
+        true = float(top_eigenvalues(dense_hessian(model, loss), 1)[0])
+        cols = probe.measure(model, loss, opt, 0.05)
+        assert (cols["eig_check"] is not None) == (step % 3 == 0), step
+        if cols["eig_check"] is not None:
+            assert abs(cols["eig_check"] - (1 / factor - 1) * factor) < 2e-4, cols["eig_check"]
+        else:
+            assert abs(probe.tf32_offset["plain"] - (1 / factor - 1)) < 2e-4
+        assert abs(cols["lambda_max"] - true) <= 1e-4 * true, (step, cols["lambda_max"], true)
+        assert abs(cols["topk"][0] - cols["lambda_max"]) <= 1e-12 * true
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+
+
+def test_a_check_that_iterated_in_float32_leaves_the_offset():
+    """A float32 check that had to iterate (its vectors are no longer the
+    search's) measures the solve as well as the TF32 bias: its check is
+    logged, the offset kept from before."""
+    from trainers.curvature.lobpcg import LOBPCGResult
+
+    probe = SharpnessProbe(SharpnessConfig(), OptimConfig(name="gd", lr=0.1))
+    probe.tf32_offset["plain"] = 1e-3
+    def result(products, fast, search):
+        return LOBPCGResult(eigenvalues=torch.tensor([2.0, 1.0], dtype=torch.float64), vectors=torch.eye(3, 2),
+                            residuals=torch.zeros(2, dtype=torch.float64), iterations=1, products=products,
+                            converged=True, fast_products=fast,
+                            search_eigenvalues=None if search is None else torch.tensor([1.9, 1.0]))
+    res, check = probe._calibrated("plain", result(8, 5, 1.9), nwanted=1)   # 3 float32 products: it iterated
+    assert check == pytest.approx(0.05) and probe.tf32_offset["plain"] == 1e-3
+    res, check = probe._calibrated("plain", result(6, 5, 1.9), nwanted=1)   # one: the same vector's float32 RQ
+    assert check == pytest.approx(0.05) and probe.tf32_offset["plain"] == pytest.approx(2.0 / 1.9 - 1)
+    res, check = probe._calibrated("plain", result(5, 0, None), nwanted=1)   # not checked: corrected
+    assert check is None and res.eigenvalues.tolist() == pytest.approx([2.0 * 2.0 / 1.9, 1.0 * 2.0 / 1.9])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 products need a GPU")
+def test_unchecked_tf32_probes_give_the_float32_checked_lambda_on_the_gpu():
+    """On a GPU with TF32 and the defaults users get (resident CUDA-graph
+    products, the ``track`` solver), probes between float32 checks
+    (``verify_every`` 4) report λ₁ within 1e-4 of a probe that checks every
+    time (``verify_every`` 1) at the same parameters, along a GD run."""
+    import trainers.curvature.probe as sharpness
+    from curvature_fixtures import cuda_tiny_unet
+
+    if not sharpness.has_tf32("cuda"):
+        pytest.skip("this GPU has no TF32")
+    model, params, loss = cuda_tiny_unet()
+    ocfg = OptimConfig(name="gd", lr=2e-3)
+    opt = build_optimizer(ocfg, model.parameters())
+    always, between = (SharpnessProbe(SharpnessConfig(verify_every=v, tol=1e-3), ocfg) for v in (1, 4))
+    unchecked = []
+    try:
+        for step in range(9):
+            a = always.measure(model, loss, opt, ocfg.lr)
+            b = between.measure(model, loss, opt, ocfg.lr)
+            assert a["eig_check"] is not None and (b["eig_check"] is not None) == (step % 4 == 0)
+            if b["eig_check"] is None:
+                err = abs(b["lambda_max"] - a["lambda_max"]) / a["lambda_max"]
+                raw = b["lambda_max"] / (1 + between.tf32_offset["plain"])
+                unchecked.append((err, abs(raw - a["lambda_max"]) / a["lambda_max"]))
+                assert err <= 1e-4, (step, b["lambda_max"], a["lambda_max"], between.tf32_offset)
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+    finally:
+        always.close()
+        between.close()
+    assert len(unchecked) == 6
+    print("unchecked probes: (error, error of the uncorrected TF32 value)", unchecked)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

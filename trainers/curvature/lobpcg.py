@@ -70,6 +70,8 @@ class LOBPCGResult:
     products: int
     converged: bool
     fast_products: int = 0   # of ``products``, those of the cheap search operator (lobpcg_verified)
+    #: :func:`verify`: the search's eigenvalues, before its wanted ones were replaced by exact-operator values
+    search_eigenvalues: Optional[torch.Tensor] = None
     explore: Optional[torch.Tensor] = None   # the next exploration direction (:func:`track`), (n, 1)
 
 
@@ -360,13 +362,15 @@ def verify(search: LOBPCGResult, exact_operator: Operator, *, nwanted: int = 1, 
         callback(search.iterations, products, eigenvalues.clone(), residuals.clone())
     if bool((rel_w <= stopping_tolerances(eigenvalues, nwanted, tol, accuracy)).all()):
         return LOBPCGResult(eigenvalues=eigenvalues, vectors=X, residuals=residuals, iterations=search.iterations,
-                            products=products, converged=True, fast_products=search.products)
+                            products=products, converged=True, fast_products=search.products,
+                            search_eigenvalues=search.eigenvalues)
     if callback is not None:   # the exact solve's product counts continue from here
         kwargs = {**kwargs, "callback": lambda it, p, th, rel: callback(search.iterations + it, products + p, th, rel)}
     rest = lobpcg(exact_operator, X, nwanted=nwanted, tol=tol, accuracy=accuracy, **kwargs)
     return LOBPCGResult(eigenvalues=rest.eigenvalues, vectors=rest.vectors, residuals=rest.residuals,
                         iterations=search.iterations + rest.iterations, products=products + rest.products,
-                        converged=rest.converged, fast_products=search.products)
+                        converged=rest.converged, fast_products=search.products,
+                        search_eigenvalues=search.eigenvalues)
 
 
 def lobpcg_verified(fast_operator: Operator, exact_operator: Operator, X0: Optional[torch.Tensor] = None, *,

@@ -46,8 +46,11 @@ from one probe to the next while the loss closure stays the same
 replays of CUDA graphs recorded once (:meth:`SharpnessProbe._operator`).  On GPUs with TF32
 (``sharpness.search_precision: tf32``, the default) LOBPCG searches with the
 same operator at TF32 precision and the answer is checked with float32
-products (:func:`trainers.curvature.lobpcg.lobpcg_verified`): the reported λ
-and residual are float32 values.
+products (:func:`trainers.curvature.lobpcg.verify`) at every cold solve and
+every ``sharpness.verify_every``-th warm one: there the reported λ and
+residual are float32 values, and the ratio λ_float32/λ_TF32 is kept as the
+TF32 products' offset; the warm solves between checks report the TF32 λ times
+that ratio, with the TF32 residual (:meth:`SharpnessProbe._calibrated`).
 
 The probe leaves training undisturbed: parameters and their ``.grad`` are not
 touched, the global RNG and the global TF32 settings are left as they were
@@ -153,6 +156,8 @@ class SharpnessProbe:
         self.explore: dict[str, torch.Tensor] = {}   # "plain" / "precond" -> (n, 1) exploration direction
         self.warm_scale: Optional[torch.Tensor] = None   # P^{-1/2} (n, 1) at the last λ₁(P⁻¹H) solve
         self.counted: dict[str, int] = {}   # "plain" / "precond" -> eigenvalues above the cut at the last probe
+        # "plain" / "precond" -> λ_float32 / λ_TF32 - 1 at the last float32 check (:meth:`_calibrated`)
+        self.tf32_offset: dict[str, float] = {}
         self.probes = 0
         self.critical_guess: Optional[float] = None   # the last η_c: the next line search starts there
         self._kept = None   # ((loss_fn, model, params), resident operator) between probes (:meth:`_operator`)
@@ -163,7 +168,8 @@ class SharpnessProbe:
                 "explore": {k: v.detach().cpu().clone() for k, v in self.explore.items()},
                 "warm_scale": None if self.warm_scale is None else self.warm_scale.detach().cpu().clone(),
                 "generator": self.generator.get_state(), "probes": self.probes,
-                "critical_guess": self.critical_guess, "counted": dict(self.counted)}
+                "critical_guess": self.critical_guess, "counted": dict(self.counted),
+                "tf32_offset": dict(self.tf32_offset)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; tensors may come on any device (they are
@@ -178,6 +184,7 @@ class SharpnessProbe:
         self.probes = int(state.get("probes", 0))
         self.critical_guess = state.get("critical_guess")
         self.counted = {k: int(v) for k, v in state.get("counted", {}).items()}
+        self.tf32_offset = {k: float(v) for k, v in state.get("tf32_offset", {}).items()}
 
     def reset_warm_start(self) -> None:
         """Forget the warm-start vectors: the next solve starts cold (the
@@ -186,6 +193,7 @@ class SharpnessProbe:
         self.explore = {}
         self.warm_scale = None
         self.counted = {}
+        self.tf32_offset = {}
 
     # --- one eigenproblem -----------------------------------------------
     def _solve(self, key: str, operator: CurvatureOperator, transport=None,
@@ -256,7 +264,6 @@ class SharpnessProbe:
         guard_tol = self.cfg.tol if X0 is None else math.sqrt(self.cfg.tol)
         kw = dict(k=k, nwanted=nwanted, accuracy=self.cfg.accuracy or None, max_iters=self.cfg.max_iters,
                   generator=self.generator, guard_tol=guard_tol, dtype=dtype, device=device)
-        check: Optional[float] = None
         if X0 is None or self.cfg.solver == "lobpcg":
             res = top_eigenpairs(operator, X0, search_tf32=tf32, n=n, tol=self.cfg.tol, **kw)
         else:
@@ -270,18 +277,34 @@ class SharpnessProbe:
             res = track(fast, X0[:, :k], E, tol=max(self.cfg.tol, floor), min_tol=floor, **kw)
             nxt = res.explore
             if tf32 and self.cfg.verify_every > 0 and self.probes % self.cfg.verify_every == 0:
-                fast_top = float(res.eigenvalues[0])
                 for name in ("nwanted", "accuracy"):
                     kw.pop(name)
                 res = verify(res, operator.at("float32"), nwanted=nwanted, tol=self.cfg.tol,
                              accuracy=self.cfg.accuracy or None, **kw)
-                check = abs(fast_top - float(res.eigenvalues[0])) / max(abs(float(res.eigenvalues[0])), 1e-300)
             if nxt is not None and self.cfg.explore != "none":
                 self.explore[key] = nxt.detach()
             elif regrow:   # the old direction is inside the grown block now: the next probe seeds afresh
                 self.explore.pop(key, None)
         self.warm[key] = res.vectors.detach()
-        return res, check
+        return self._calibrated(key, res, nwanted) if tf32 else (res, None)
+
+    def _calibrated(self, key: str, res: LOBPCGResult, nwanted: int) -> tuple[LOBPCGResult, Optional[float]]:
+        """(result, check) of a TF32 search.  Checked with float32 products
+        at this probe (``search_eigenvalues`` set): ``check`` is
+        |λ_TF32 − λ_float32| / λ_float32 of λ₁, and where the check took no
+        float32 iteration (the same vectors, their float32 Rayleigh quotients)
+        the ratio λ_float32 / λ_TF32 − 1 is kept as the TF32 products' offset
+        for this operator.  Not checked: the eigenvalues are the TF32 ones
+        times (1 + the last offset), check None."""
+        if res.search_eigenvalues is not None:
+            fast, exact = float(res.search_eigenvalues[0]), float(res.eigenvalues[0])
+            if res.products - res.fast_products == nwanted and fast != 0:
+                self.tf32_offset[key] = exact / fast - 1.0
+            return res, abs(fast - exact) / max(abs(exact), 1e-300)
+        offset = self.tf32_offset.get(key)
+        if offset is None:
+            return res, None
+        return dataclasses.replace(res, eigenvalues=res.eigenvalues * (1.0 + offset)), None
 
     def _transport(self, d: torch.Tensor, n: int, device) -> Optional[torch.Tensor]:
         """Rescaling of the last λ₁(P⁻¹H) vectors to the current D = P^{-1/2}
