@@ -256,7 +256,8 @@ def test_tf32_search_counts_float32_checked_values_on_cuda(cuda_graphs):
     gpu = copy.deepcopy(model).float().cuda()
     x, t, eps = x.float().cuda(), t.float().cuda(), eps.float().cuda()
     ocfg = OptimConfig(name="gd", lr=lr)
-    probe = SharpnessProbe(SharpnessConfig(tol=1e-3, cuda_graphs=cuda_graphs, search_precision="tf32", above_cap=8), ocfg)
+    probe = SharpnessProbe(SharpnessConfig(tol=1e-3, cuda_graphs=cuda_graphs, search_precision="tf32", above_cap=8,
+                                           verify_every=1), ocfg)
     for i in range(3):   # cold, then warm track solves (float32-checked every probe: verify_every 1)
         cols = probe.measure(gpu, lambda: ((gpu(x, t) - eps) ** 2).mean(), None, lr)
         assert cols["n_above"] == 3 and (i == 0 or cols["eig_check"] is not None)

@@ -221,8 +221,10 @@ class SharpnessConfig:
     # P^-1 H), "random", or "none" (warm vectors only: can lock onto a stale direction)
     explore: str = "gradient"
     # with the TF32 search and the "track" solver: check λ with float32 products every N-th probe (the cold
-    # probe always; 1: every probe, 0: never); the eig_check column holds |λ_TF32 - λ_float32| / λ there
-    verify_every: int = 1
+    # probe always; 1: every probe, 0: never); the eig_check column holds |λ_TF32 - λ_float32| / λ there, and
+    # the probes between checks report the TF32 λ times the last check's λ_float32 / λ_TF32
+    # (trainers.curvature.probe.SharpnessProbe._calibrated)
+    verify_every: int = 10
     # CUDA: replay each Hessian-vector product's second backward pass as a CUDA graph (one launch instead of
     # thousands; trainers.curvature.hessian); no effect on the CPU or with other hvp methods
     cuda_graphs: bool = True

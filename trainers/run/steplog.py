@@ -41,7 +41,9 @@ eig_converged      bool           —        the residual reached the tolerance
 eig_error          string         —        why a probed step has no curvature: the solver's
                                            error, again after a cold start (else null)
 eig_check          float64        1        |λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate
-                                           was checked with float32 products at this step
+                                           was checked with float32 products at this step (null
+                                           elsewhere: λ is the TF32 value times the last check's
+                                           λ_float32/λ_TF32, sharpness.verify_every)
 topk               list<float64>  1/η      top-k eigenvalues (of the operator in ``ratio``)
 n_above            int64          count    eigenvalues of the operator in ``ratio`` above
                                            sharpness.above_fraction × threshold, each converged
@@ -134,7 +136,8 @@ STEP_COLUMNS: tuple[Column, ...] = (
     Column("eig_error", pa.string(), "—", "why a probed step has no curvature: the solver's error, again after a "
                                           "cold start (else null)"),
     Column("eig_check", _F, "1", "|λ_TF32 − λ_float32|/|λ_float32| where a TF32 estimate was checked with float32 "
-                                 "products at this step"),
+                                 "products at this step (null elsewhere: λ is the TF32 value times the last check's "
+                                 "λ_float32/λ_TF32, sharpness.verify_every)"),
     Column("topk", pa.list_(_F), "1/η", "top-k eigenvalues (of the operator in ``ratio``)"),
     Column("n_above", _I, "count", "eigenvalues of the operator in ``ratio`` above sharpness.above_fraction × "
                                    "threshold, each converged to the solver's tolerance (at most sharpness.above_cap)"),
