@@ -52,7 +52,7 @@ import torch
 from bench.common import Problem, bench_config, device_name, log, sync
 from trainers.config import merge, run_config
 from trainers.curvature.hessian import CurvatureOperator, HessianOperator, flatten
-from trainers.curvature.probe import SharpnessProbe
+from trainers.curvature.probe import SharpnessProbe, has_tf32
 from trainers.curvature.thresholds import adam_preconditioner
 
 SETTINGS = {
@@ -219,7 +219,8 @@ def timed_step(pb: Problem, probe=None, check: bool = False, seg: Segment = None
                 if cols.get(key) is not None:
                     seg.errors[key].append(abs(cols[key] - val) / abs(val))
             solved = "lambda_precond" if cols.get("lambda_precond") is not None else "lambda_max"
-            if cols.get("eig_check") is None and solved in ref and seg.errors[solved]:
+            tf32 = has_tf32(pb.device) and probe.cfg.search_precision == "tf32"   # else nothing is checked
+            if tf32 and cols.get("eig_check") is None and solved in ref and seg.errors[solved]:
                 seg.unchecked.append(seg.errors[solved][-1])
             log(f"{seg.name} step {pb.step - 1}: probe {cols['lambda_precond']} / {cols['lambda_max']}, "
                 f"errors {[round(seg.errors[k][-1], 7) for k in ref if seg.errors[k]]}, {cols['eig_hvps']} products")
