@@ -381,7 +381,11 @@ def test_tf32_search_is_checked_in_float32(monkeypatch, tol):
 
 
 class _BiasedProbe(SharpnessProbe):
-    factor = 1.0
+    """The probe on :class:`curvature_fixtures.BiasedTF32` operators."""
+
+    def __init__(self, *args, factor: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.factor = factor
 
     def hessian(self, loss_fn, params, model):
         return BiasedTF32(super().hessian(loss_fn, params, model), self.factor)
@@ -401,13 +405,11 @@ def test_unchecked_tf32_probes_are_corrected_by_the_last_float32_check(monkeypat
     opt = build_optimizer(ocfg, model.parameters())
     factor = 1 - 4e-3
     cfg = SharpnessConfig(verify_every=3, tol=1e-3)
-    probe = _BiasedProbe(cfg, ocfg)
-    probe.factor = factor
+    probe = _BiasedProbe(cfg, ocfg, factor=factor)
     for step in range(8):
         if step == 5:   # a resumed run: a new probe from the saved state
             state = probe.state_dict()
-            probe = _BiasedProbe(cfg, ocfg)
-            probe.factor = factor
+            probe = _BiasedProbe(cfg, ocfg, factor=factor)
             probe.load_state_dict(state)
         true = float(top_eigenvalues(dense_hessian(model, loss), 1)[0])
         cols = probe.measure(model, loss, opt, 0.05)
@@ -455,7 +457,7 @@ def test_unchecked_tf32_probes_give_the_float32_checked_lambda_on_the_gpu():
 
     if not sharpness.has_tf32("cuda"):
         pytest.skip("this GPU has no TF32")
-    model, params, loss = cuda_tiny_unet()
+    model, _, loss = cuda_tiny_unet()
     ocfg = OptimConfig(name="gd", lr=2e-3)
     opt = build_optimizer(ocfg, model.parameters())
     always, between = (SharpnessProbe(SharpnessConfig(verify_every=v, tol=1e-3), ocfg) for v in (1, 4))
