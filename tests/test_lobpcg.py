@@ -1,4 +1,5 @@
 """Block LOBPCG on symmetric matrices with constructed spectra."""
+import numpy as np
 import pytest
 import torch
 
@@ -276,3 +277,26 @@ def test_accuracy_keeps_a_cluster_of_top_eigenvalues_apart(seed):
     assert (10.0 - float(loose.eigenvalues[0])) / 10.0 > 2e-3          # the failure the rule prevents
     assert sure.converged and (10.0 - float(sure.eigenvalues[0])) / 10.0 <= 1e-3
     assert float(sure.residuals[0]) <= float(stopping_tolerances(sure.eigenvalues, 1, 1e-2, 1e-3)[0])
+
+
+
+# --- the float64 dense helpers
+
+
+@pytest.mark.parametrize("rows", [7, 48, 100, 1000])
+def test_gram_and_combine_equal_numpys_float64_products_across_chunks(monkeypatch, rows):
+    """Chunks of 48 rows: one, exactly one, several with a tail; a
+    non-contiguous column slice; numpy's float64 products are the reference."""
+    from trainers.curvature import lobpcg as L
+
+    monkeypatch.setattr(L, "_CHUNK_ROWS", {"cpu": 48})
+    g = torch.Generator().manual_seed(rows)
+    A = torch.randn(rows, 5, generator=g, dtype=torch.float32)
+    B = torch.randn(rows, 4, generator=g, dtype=torch.float32)[:, 1:]   # a column slice: not contiguous
+    C = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    out = L.gram(A, B)
+    assert out.dtype == torch.float64 and out.shape == (5, 3)
+    np.testing.assert_allclose(out.numpy(), A.double().numpy().T @ B.double().numpy(), rtol=1e-12, atol=1e-12)
+    AC = L.combine(A, C)
+    assert AC.dtype == torch.float32 and AC.shape == (rows, 2)
+    np.testing.assert_array_equal(AC.numpy(), (A.double().numpy() @ C.numpy()).astype(np.float32))
