@@ -279,7 +279,6 @@ def test_accuracy_keeps_a_cluster_of_top_eigenvalues_apart(seed):
     assert float(sure.residuals[0]) <= float(stopping_tolerances(sure.eigenvalues, 1, 1e-2, 1e-3)[0])
 
 
-
 # --- the float64 dense helpers
 
 
