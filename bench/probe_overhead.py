@@ -65,6 +65,8 @@ SETTINGS = {
     "precond-verify10": {"plain_lambda": False, "verify_every": 10},
     "both-verify1": {"verify_every": 1},
     "both-verify10": {"verify_every": 10},
+    "precond-batched": {"plain_lambda": False, "hvp": "double_backward_batched"},   # one vmapped pass per block
+    "both-batched": {"hvp": "double_backward_batched"},
 }
 
 
