@@ -154,7 +154,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for k in blocks:
         Vk = V[:, :k].contiguous()
-        row = {"k": k, "eager_ms": None, "replayed_ms": None, "rel_diff": None, "error": None}
+        row = {"k": k, "eager_ms": None, "replayed_ms": None, "rel_diff": None, "error": None,
+               "probe_ms_per_column": per_column}
         try:
             eager_s, out = timed(lambda: batched(Vk), pb.device, args.reps)
             row.update(eager_ms=eager_s * 1e3, rel_diff=max_rel(out, ref[:, :k]))
@@ -178,17 +179,14 @@ def main(argv=None) -> list[dict]:
           f"{' (CUDA-graph replays)' if cuda else ''}: {per_column:.1f} ms per column")
     print()
 
-    def per(ms, k):
-        return None if ms is None else ms / k
+    def per(ms, k, unit=1.0):
+        return None if ms is None else ms / k / unit
 
     print(table(["k", "batched eager ms", "per column", "batched replayed ms", "per column",
                  "per column ÷ the probe's", "max rel. diff", "error"],
                 [[r["k"], r["eager_ms"], per(r["eager_ms"], r["k"]), r["replayed_ms"], per(r["replayed_ms"], r["k"]),
-                  per(r["replayed_ms"] if cuda else r["eager_ms"], r["k"]) and
-                  per(r["replayed_ms"] if cuda else r["eager_ms"], r["k"]) / per_column,
+                  per(r["replayed_ms"] if cuda else r["eager_ms"], r["k"], per_column),
                   r["rel_diff"], r["error"] or "—"] for r in rows]))
-    for r in rows:
-        r["probe_ms_per_column"] = per_column
     return rows
 
 
